@@ -1,0 +1,23 @@
+"""minilora: LLM fine-tuning methods in readable PyTorch, on a small GPT.
+
+Every method attaches through one place, minilora/attach.py:
+
+    from minilora import GPT, attach, save_adapter
+    model = GPT.from_pretrained(minilora.BASE_DIR)
+    attach(model, FullConfig())
+"""
+from .attach import (METHODS, MethodConfig, adapter_state_dict, attach, load_adapter, mark_trainable,
+                     merge, merge_and_unload, register, save_adapter, unmerge)
+from .checkpoint import CheckpointError
+from .gpt import GPT, GPTConfig, PRESETS
+from .settings import BASE_DIR, quick
+
+# Each import below registers one method in METHODS; a new method file adds one line here.
+from .full import FullConfig  # noqa: E402
+from .adapters import AdapterConfig, PfeifferConfig  # noqa: E402
+from .prefix import PrefixConfig  # noqa: E402
+from .prompt import PromptConfig  # noqa: E402
+
+__all__ = ["GPT", "GPTConfig", "PRESETS", "METHODS", "MethodConfig", "attach", "mark_trainable",
+           "adapter_state_dict", "save_adapter", "load_adapter", "merge", "unmerge", "merge_and_unload", "register", "CheckpointError",
+           "BASE_DIR", "quick", "FullConfig", "AdapterConfig", "PfeifferConfig", "PrefixConfig", "PromptConfig"]

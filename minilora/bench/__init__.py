@@ -1,0 +1,1 @@
+"""Benchmarks: measured numbers next to the analytic ones; each writes a JSON under runs/."""
