@@ -43,6 +43,15 @@ class MethodConfig:
         """The key a trained tensor gets in the adapter file (PEFT's prefix by default)."""
         return "base_model.model." + name
 
+    def export_state(self, model, state: dict) -> dict:
+        """{saved_key: tensor} -> the tensors as the adapter file holds them. Identity by default; a method
+        whose parameter layout differs from PEFT's converts here (and back in import_state)."""
+        return state
+
+    def import_state(self, model, state: dict) -> dict:
+        """Inverse of export_state: the file's tensors -> {saved_key: tensor} in the model's layout."""
+        return state
+
     def callbacks(self, model) -> list:
         """Training-loop callbacks the method needs on every step (train.Callback); none by default."""
         return []
@@ -122,7 +131,8 @@ def mark_trainable(model: nn.Module) -> list[str]:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a method trained, under their saved keys: what save_adapter writes."""
     config = _config(model)
-    return {config.saved_key(n): p.detach() for n, p in model.named_parameters() if config.trainable(n)}
+    state = {config.saved_key(n): p.detach() for n, p in model.named_parameters() if config.trainable(n)}
+    return config.export_state(model, state)
 
 
 def save_adapter(model: nn.Module, directory) -> Path:
@@ -163,6 +173,7 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
             f"unexpected keys {unexpected[:5]}, shape mismatches {wrong[:5]} "
             f"(saved for base shapes {raw.get('base_shapes')}, this model is {_shape_fingerprint(model)})")
     params = dict(model.named_parameters())
+    state = config.import_state(model, state)
     with torch.no_grad():
         for n, p in params.items():
             if config.trainable(n):
@@ -190,6 +201,7 @@ def find_targets(model: nn.Module, names, layers=None, kind=nn.Linear) -> list[s
         match the whole module name (r"transformer\.h\.[0-3]\.attn\.c_attn"), or "all-linear"
         (every nn.Linear except the output head).
     layers: optional block indices (transformer.h.<i>) to keep, as PEFT's layers_to_transform.
+    kind: the module type to consider, or a tuple of types (a method that wraps modules passes its wrapper too).
     Never empty: a selection that matches nothing is an error listing what could match."""
     candidates = [n for n, m in model.named_modules() if isinstance(m, kind)]
     if names == "all-linear":
@@ -202,7 +214,8 @@ def find_targets(model: nn.Module, names, layers=None, kind=nn.Linear) -> list[s
     if layers is not None:
         chosen = [n for n in chosen if (m := re.search(r"\.h\.(\d+)\.", n)) and int(m.group(1)) in layers]
     if not chosen:
-        raise ValueError(f"targets {names!r} (layers {layers}) match no {kind.__name__} module; "
+        kind_name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ValueError(f"targets {names!r} (layers {layers}) match no {kind_name} module; "
                          f"candidates are e.g. {candidates[:6]}")
     return chosen
 

@@ -157,9 +157,10 @@ def task_texts(name: str) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def load_task(name: str, enc=None, max_len: int = 128) -> Task:
+def load_task(name: str, enc=None, max_len: int = 96) -> Task:
     """Task `name` tokenized with `enc` (default: minilora's); examples over `max_len` tokens
-    (prompt + answer, EOT included) are dropped."""
+    (prompt + answer, EOT included) are dropped. 96 leaves room in the base's 128 positions for the
+    vectors that prompt and prefix methods add, so every method sees the same examples."""
     enc = enc or get_tokenizer()
     splits = {}
     for split, pairs in task_texts(name).items():

@@ -256,7 +256,9 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", block_size: int
                   shape=tuple(weight.shape), dtype=weight.dtype, block_size=block_size,
                   block_size2=block_size2, quant_type=quant_type)
     if double_quant:
-        offset = absmax.mean()  # paper: subtract the mean, the absmax values are all positive
+        # paper: subtract the mean (all absmax values are positive). Summed on CPU so that a CUDA weight gets
+        # the same bits as a CPU one (reduction order differs by device); every other step is exact or IEEE.
+        offset = absmax.cpu().mean().to(absmax.device)
         q.absmax, q.absmax_scale = quantize_absmax_8bit(absmax - offset, DYNAMIC_CODE, block_size2)
         q.absmax_offset = offset
     return q

@@ -40,7 +40,7 @@ from .attach import MethodConfig, register, replace_module
 @dataclass
 class PrefixConfig(MethodConfig):
     num_virtual_tokens: int = 10  # P, prefix positions per layer (paper's default for table-to-text)
-    reparameterize: bool = True  # train P' through an MLP (paper §4.3); False: train P_θ directly
+    reparameterize: bool = True  # train P' through an MLP (direct training is unstable); False: P_θ
     hidden: int = 512  # the MLP's hidden width (paper: 512 for table-to-text, 800 for summarization)
     init: str = "random"  # "random" (N(0, 1)) or "vocab" (from real tokens; see the module docstring)
 
@@ -97,6 +97,7 @@ class PrefixAttention(nn.Module):
 
     def forward(self, x, attention_mask=None):
         B = x.size(0)
+        # the encoder runs in every layer: P rows, cheap next to attention over T positions
         kv = self.prefix_encoder()[self.layer]  # (2, nh, P, hs): this layer's K_l, V_l
         k, v = (t.unsqueeze(0).expand(B, -1, -1, -1) for t in kv)  # (B, nh, P, hs) each
         return self.base(x, extra_kv=(k, v), attention_mask=attention_mask)
@@ -118,6 +119,8 @@ def real_word_activations(model, ids: torch.Tensor) -> torch.Tensor:
     if P > model.config.block_size:
         raise ValueError(f"init='vocab' runs the model on P={P} tokens, more than block_size "
                          f"{model.config.block_size}; use init='random' or fewer virtual tokens")
+    was_training = model.training
+    model.eval()  # dropout off; restored below
     pos = torch.arange(P, device=ids.device)
     x = model.transformer.wte(ids[None]) + model.transformer.wpe(pos)  # (1, P, C)
     kvs = []
@@ -125,6 +128,7 @@ def real_word_activations(model, ids: torch.Tensor) -> torch.Tensor:
         _, k, v = block.attn.c_attn(block.ln_1(x)).split(C, dim=2)  # (1, P, C) @ (C, 3C) -> 3 x (1, P, C)
         kvs += [k, v]
         x = block(x)
+    model.train(was_training)
     return torch.cat(kvs, dim=2)[0]  # (P, L·2·C)
 
 
@@ -135,12 +139,12 @@ def apply(model, config: PrefixConfig) -> None:
     if config.init not in ("random", "vocab"):
         raise ValueError(f"init {config.init!r} is not supported; choose 'random' or 'vocab'")
     c = model.config
-    encoder = PrefixEncoder(c.n_layer, c.n_head, c.n_embd, config.num_virtual_tokens,
-                            config.reparameterize, config.hidden)
     device = model.transformer.wte.weight.device
-    encoder.to(device)
+    if config.init == "vocab":  # drawn first, so a seed fixes the tokens whatever the sizes
+        ids = torch.randint(c.vocab_size, (config.num_virtual_tokens,)).to(device)
+    encoder = PrefixEncoder(c.n_layer, c.n_head, c.n_embd, config.num_virtual_tokens,
+                            config.reparameterize, config.hidden).to(device)
     if config.init == "vocab":
-        ids = torch.randint(c.vocab_size, (config.num_virtual_tokens,), device=device)
         with torch.no_grad():
             if config.reparameterize:
                 encoder.prefix_tokens.copy_(model.transformer.wte(ids))  # P' = token embeddings

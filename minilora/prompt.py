@@ -16,8 +16,9 @@ PromptHead (drops the first P positions), every attention -> PromptAttention (wi
 attention_mask (B, T) by P ones: the prompt is always visible). The wrappers hold the original wte
 and lm_head, so the tie lm_head.weight is wte.weight stays intact.
 Positions: the prompt takes positions 0..P-1 and the tokens P..P+T-1, so P + T must fit block_size:
-inputs may have at most block_size - P tokens (PromptEmbedding raises a clear error otherwise). For
-generate(), which crops only to block_size, keep len(idx) + max_new_tokens <= block_size - P.
+inputs may have at most block_size - P tokens (PromptEmbedding raises a clear error otherwise).
+generate() crops only to block_size and its last step reads all but the last sampled token, so keep
+len(idx) + max_new_tokens - 1 <= block_size - P.
 
 Trained: prompt_embeddings (P, C), plus prompt_encoder with encoder="mlp" or "lstm".
 Frozen: the whole GPT, including wte and the tied lm_head.
@@ -36,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from .attach import MethodConfig, register, replace_module
+from .tokenizer import get_tokenizer
 
 
 @dataclass
@@ -91,7 +93,7 @@ class PromptEmbedding(nn.Module):
             raise ValueError(
                 f"prompt tuning prepends P={P} vectors, so inputs may have at most block_size - P = "
                 f"{self.block_size - P} tokens, got {T}; crop with idx[:, -{self.block_size - P}:] "
-                f"(for generate(), keep len(idx) + max_new_tokens <= {self.block_size - P})")
+                f"(for generate(), keep len(idx) + max_new_tokens - 1 <= {self.block_size - P})")
         tok = self.base(idx)  # (B, T) -> (B, T, C)
         prompt = self.prompt().to(tok.dtype).unsqueeze(0).expand(B, -1, -1)  # (P, C) -> (B, P, C)
         return torch.cat([prompt, tok], dim=1)  # (B, P + T, C)
@@ -126,7 +128,8 @@ class PromptAttention(nn.Module):
 
 
 def prompt_param_count(config: PromptConfig, n_embd: int) -> int:
-    """P·C, plus the encoder: MLP 2·C·h + h + C (LSTM: first 2·(4h(C + h) + 8h) + 2h·h + h + h·C + C)."""
+    """P·C, plus the encoder. MLP: C·h + h + h·C + C. LSTM: 2·(4h(C + h) + 8h) for its two
+    directions (input and hidden weights of 4 gates, two bias vectors), then 2h·h + h + h·C + C."""
     P, C = config.num_virtual_tokens, n_embd
     h = config.encoder_hidden or C
     if config.encoder is None:
@@ -141,7 +144,6 @@ def init_token_ids(config: PromptConfig, vocab_size: int) -> torch.Tensor:
     P = config.num_virtual_tokens
     if config.init == "vocab":
         return torch.randint(vocab_size, (P,))
-    from .tokenizer import get_tokenizer
     name = config.tokenizer_name_or_path
     enc = get_tokenizer("minilora") if name == "minilora" else get_tokenizer("gpt2", name)
     ids = enc.encode(config.init_text)
@@ -152,12 +154,13 @@ def init_token_ids(config: PromptConfig, vocab_size: int) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-@register("prompt", PromptConfig, lr=3e-2, description="trained input vectors before the tokens (Lester et al. 2021)")
+@register("prompt", PromptConfig, lr=3e-2,
+          description="trained input vectors before the tokens (Lester et al. 2021)")
 def apply(model, config: PromptConfig) -> None:
     P, c = config.num_virtual_tokens, model.config
     if not 1 <= P < c.block_size:
-        raise ValueError(f"num_virtual_tokens={P} must be in 1..block_size-1 = {c.block_size - 1}: the prompt "
-                         f"takes P of the block_size positions")
+        raise ValueError(f"num_virtual_tokens={P} does not fit: the prompt takes P of the block_size="
+                         f"{c.block_size} positions, so pick P in 1..{c.block_size - 1}")
     if config.init not in ("vocab", "random", "text"):
         raise ValueError(f"init {config.init!r} is not supported; choose 'vocab', 'random' or 'text'")
     if (config.init == "text") != bool(config.init_text):

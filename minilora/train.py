@@ -274,6 +274,14 @@ def summary(record) -> str:
     return line
 
 
+def evaluate(model, task: Task, split="test", max_examples=None, batch_size=32):
+    """Answer loss and greedy exact-match accuracy of `model` on a task split (no training)."""
+    device = next(model.parameters()).device
+    data = TaskData(task, model.config.block_size, pad_id=model.config.vocab_size - 1)
+    cfg = TrainConfig(batch_size=batch_size)
+    return _evaluate(model, data, split, cfg, device, max_examples or len(getattr(task, split)))
+
+
 def _evaluate(model, data, split, cfg, device, max_examples=None):
     was_training = model.training
     model.eval()

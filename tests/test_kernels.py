@@ -113,6 +113,20 @@ def test_cuda_kernel_bit_identical_to_reference(case):
     assert torch.equal(ref.cpu().view(torch.uint8), dequantize_nf4(q_cpu).view(torch.uint8))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(4096, 4096), (1000, 1001)])
+def test_quantize_on_cuda_equals_quantize_on_cpu(shape, double_quant):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).bfloat16() * 0.02
+    q_cpu, q_gpu = quantize_nf4(w, double_quant=double_quant), quantize_nf4(w.cuda(), double_quant=double_quant)
+    for name in ("packed", "absmax", "absmax_scale", "absmax_offset"):
+        a, b = getattr(q_cpu, name), getattr(q_gpu, name)
+        if a is None:
+            assert b is None, name
+        else:
+            assert torch.equal(a.reshape(-1).view(torch.uint8), b.cpu().reshape(-1).view(torch.uint8)), name
+
+
 def test_dispatch_falls_back_to_reference_on_cpu(monkeypatch):
     from minilora.kernels import dequantize, use_triton
 

@@ -8,8 +8,9 @@ Dequantization reads the 4-bit weight and its constants and writes the weight: i
 row reports the fraction of the measured device-to-device copy bandwidth it reaches. Minimum traffic,
 from the tensors' sizes (bf16 out, double quant): 0.5 (packed) + 2 (out) + 1/64 (uint8 absmax)
 + 4/(64·256) (fp32 c1) ≈ 2.516 bytes per weight, plus the offset and the two small code tables.
-Timing: CUDA events around each call with the L2 flushed before it (CPU: perf_counter), after warm-up;
-the median (and min) of the repeats. Writes a JSON with the device, versions, command line and rows.
+Timing: CUDA events around each call, the L2 flushed and the GPU kept busy ~0.1 ms before it so host launch
+latency is hidden (CPU: perf_counter), after warm-up; the median (and min) of the repeats.
+Writes a JSON with the device, versions, command line and rows.
 """
 import argparse
 import json
@@ -52,6 +53,9 @@ def time_us(fn, warmup: int, iters: int, cuda: bool, flush=None) -> tuple:
         for _ in range(iters):
             if flush is not None:
                 flush.zero_()  # evict the previous call's data from L2 (50 MB on an H100)
+            if hasattr(torch.cuda, "_sleep"):
+                torch.cuda._sleep(200_000)  # ~0.1 ms GPU spin: the launches below queue up behind it, so the
+                #                             events time the GPU work, not host launch latency or hiccups
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()

@@ -1,0 +1,63 @@
+"""The command line as a user runs it: the main job, the other commands, and bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from minilora import METHODS
+from minilora.cli import main, parse_opts
+from minilora.settings import BASE_DIR, REPO_ROOT
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "minilora", *args], capture_output=True, text=True,
+                          cwd=REPO_ROOT, env={"PATH": "", "MINILORA_QUICK": "1"})
+
+
+def test_committed_base_exists():
+    assert (BASE_DIR / "model.safetensors").is_file() and (BASE_DIR / "config.json").is_file()
+
+
+def test_compare_quick_writes_table_json_and_plot(tmp_path):
+    results = main(["compare", "--quick", "--methods", "full", "--steps", "3", "--no-progress",
+                    "--out", str(tmp_path)])
+    assert [r["method"] for r in results["rows"]] == ["full"]
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["rows"][0]["trainable_params"] == results["rows"][0]["trainable_params"]
+    table = (tmp_path / "compare.md").read_text()
+    assert "| full |" in table and "test acc" in table
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+def test_finetune_saves_an_adapter_and_generate_uses_it(tmp_path):
+    main(["finetune", "--method", "full", "--steps", "2", "--no-progress", "--out", str(tmp_path / "a")])
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    text = main(["generate", "--prompt", "def f(a, b)\nlast parameter:", "--max-new-tokens", "3",
+                 "--temperature", "0", "--adapter", str(tmp_path / "a")])
+    assert text.startswith("def f(a, b)\nlast parameter:")
+
+
+def test_help_lists_every_method_and_its_options():
+    out = run("--help")
+    assert out.returncode == 0
+    for name, m in METHODS.items():
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compare", "--methods", "nope"], "unknown methods ['nope']"),
+    (["finetune", "--method", "full", "--opt", "rank=3"], "full takes KEY=VALUE"),
+    (["finetune", "--method", "full", "--model", "/nonexistent"], "no base model in /nonexistent"),
+    (["compare", "--steps", "many"], "invalid int value"),
+])
+def test_bad_input_is_one_clear_line(args, message):
+    out = run(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_parse_opts_types():
+    cfg = parse_opts("full", ["layers=[0, 2]"])
+    assert cfg.layers == [0, 2]
