@@ -14,6 +14,7 @@ from . import METHODS, attach, save_adapter
 from .checkpoint import CheckpointError, atomic_write_text
 from .data import TASKS, corpus_tokens, load_task
 from .gpt import GPT, PRESETS
+from .plots import plot_compare
 from .settings import BASE_DIR, DATA_DIR, quick
 from .tokenizer import get_tokenizer
 from .train import CorpusData, TrainConfig, summary, train
@@ -104,23 +105,48 @@ def markdown_table(results) -> str:
     return "\n".join(lines)
 
 
-def plot_compare(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results["rows"]:
-        acc = 100 * r.get("test", {}).get("accuracy", float("nan"))
-        ax.scatter(r["trainable_params"], acc, s=20 + 4 * r["peak_memory_mb"], alpha=0.6)
-        ax.annotate(r["method"], (r["trainable_params"], acc), textcoords="offset points", xytext=(5, 5))
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"task {results['task']}: accuracy vs trainable params (area ~ memory)")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+README = Path(__file__).resolve().parent.parent / "README.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def results_markdown(results_dir=RESULTS_DIR) -> str:
+    """The README's results section, made only from the committed result files in data/results/."""
+    parts = []
+    compare_json = Path(results_dir) / "compare.json"
+    if compare_json.is_file():
+        parts += ["### `python -m minilora compare` (CPU, the embedded default)", "",
+                  markdown_table(json.loads(compare_json.read_text())), "",
+                  "![accuracy vs trainable parameters](data/results/compare.png)", ""]
+    for path in sorted(Path(results_dir).glob("bench_*.json")):
+        bench = json.loads(path.read_text())
+        parts += [f"### `{path.stem}` on {bench['device']} (torch {bench['versions']['torch']})", "",
+                  f"Command: `{bench['command']}`; file: `data/results/{path.name}`.", "",
+                  bench_table(bench), ""]
+    return "\n".join(parts).strip()
+
+
+def bench_table(bench) -> str:
+    rows = bench["rows"]
+    keys = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list)) or k == "shape"]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            cells.append("x".join(map(str, v)) if isinstance(v, list) else
+                         f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def update_readme(readme=README) -> None:
+    text = Path(readme).read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{readme} has no {BEGIN} ... {END} section to fill")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    atomic_write_text(readme, f"{head}{BEGIN}\n{results_markdown()}\n{END}{tail}")
+    print(f"updated the results section of {readme}")
 
 
 def pretrain(args):
@@ -200,6 +226,8 @@ def build_parser():
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--out", default="runs/base", help="where to save (data/base is the committed one)")
 
+    sub.add_parser("readme", help="rewrite README.md's results section from data/results/*.json")
+
     g = sub.add_parser("generate", help="sample text from the base (optionally with an adapter)")
     common(g)
     g.add_argument("--prompt", default="def ")
@@ -230,5 +258,7 @@ def main(argv=None):
             return pretrain(args)
         if args.command == "generate":
             return generate(args)
+        if args.command == "readme":
+            return update_readme()
     except (ValueError, CheckpointError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")

@@ -61,3 +61,10 @@ def test_bad_input_is_one_clear_line(args, message):
 def test_parse_opts_types():
     cfg = parse_opts("full", ["layers=[0, 2]"])
     assert cfg.layers == [0, 2]
+
+
+def test_readme_results_come_from_the_committed_files():
+    from minilora.cli import BEGIN, END, README, results_markdown
+    text = README.read_text()
+    section = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert section == results_markdown(), "README results are stale: run `python -m minilora readme`"
