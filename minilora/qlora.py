@@ -1,8 +1,9 @@
 """QLoRA: LoRA on a frozen 4-bit NormalFloat base (Dettmers, Pagnoni, Holtzman, Zettlemoyer 2023, arXiv 2305.14314).
 
     Y = X · doubleDequant(c1, c2, W_NF4) + X · L1 · L2                  (eq. 5)
-    doubleDequant(c1, c2, W_NF4) = dequant(dequant(c1, c2), W_NF4) ≈ W0ᵀ   (in code: Linear4bit.quant.dequantize())
-    L1 = lora_Aᵀ (d_in, r), L2 = (alpha/r) · lora_Bᵀ (r, d_out)          (code: nn.Linear (out, in) orientation)
+    doubleDequant(c1, c2, W_NF4) = dequant(dequant(c1, c2), W_NF4) ≈ W0    (code: Linear4bit.quant.dequantize())
+    L1 = lora_Aᵀ (d_in, r), L2 = (alpha/r) · lora_Bᵀ (r, d_out)          (the paper multiplies row vectors, X·W;
+                                                                      the code stores W0 as (d_out, d_in))
 
     x ──┬── dequant(W_NF4) on the fly (bf16 on GPU) ────────┐
         └── dropout ── A ── B ── ·alpha/r ──────────────────(+)── y
@@ -166,8 +167,9 @@ class QLoRALinear(LoRALinear):
             raise ValueError(f"adapter {self.active!r}: ΔW holds NaN or Inf; training diverged, nothing merged")
         if mode == "original":
             if original is None or tuple(original.shape) != tuple(delta.shape):
-                raise ValueError(f"merge(mode='original') needs the unquantized weight {tuple(delta.shape)}: pass "
-                                 f"original=<the base model's state_dict()> to qlora.merge")
+                got = None if original is None else tuple(original.shape)
+                raise ValueError(f"merge(mode='original') needs the unquantized weight {tuple(delta.shape)}, got "
+                                 f"{got}; use qlora.merge(model, 'original', original=base.state_dict())")
             W = original.to(delta.device).float() + delta
         elif mode in ("dequant", "requantize"):
             W = q4.quant.dequantize(torch.float32) + delta
@@ -206,9 +208,13 @@ def merge(model, mode: str = "dequant", original: dict | None = None, dtype=None
     """Fold ΔW into every QLoRA layer. mode: "dequant" (16-bit, or `dtype`, weights = doubleDequant(W_NF4)
     + ΔW), "original" (weights = W0 + ΔW, W0 from `original`, the base model's state_dict saved before
     attaching), "requantize" (NF4 again). Undo with minilora.unmerge(model); merge_report measures each."""
-    for name, m in model.named_modules():
-        if isinstance(m, QLoRALinear):
-            m.merge(mode, None if original is None else original.get(name + ".weight"), dtype)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    missing = [n + ".weight" for n in layers if mode == "original" and n + ".weight" not in (original or {})]
+    if missing:  # checked before any layer changes
+        raise ValueError(f"merge(mode='original') needs the unquantized weights, e.g. {missing[:2]}: pass "
+                         f"original=<the base model's state_dict(), saved before attaching>")
+    for name, m in layers.items():
+        m.merge(mode, None if original is None else original[name + ".weight"], dtype)
     return model
 
 
@@ -216,6 +222,8 @@ def merge(model, mode: str = "dequant", original: dict | None = None, dtype=None
 def merge_report(model, idx, original: dict | None = None, dtype=None) -> dict:
     """For each merge mode vs the unmerged QLoRA model on tokens idx (B, T): max |Δlogits|, mean KL(unmerged ‖
     merged) per position (nats), and next-token perplexity before and after. "original" needs `original`."""
+    if any(getattr(m, "merged", None) for m in model.modules()):
+        raise ValueError("merge_report compares against the unmerged model; call minilora.unmerge(model) first")
     was_training = model.training
     model.eval()
     x, y = idx[:, :-1], idx[:, 1:]  # predict token t+1 from tokens ≤ t
@@ -247,7 +255,9 @@ def weight_memory_gb(n_params: float, bits: float | str = "nf4", block_size: int
 def memory_table(sizes=(1e9, 7e9, 65e9)) -> list[dict]:
     """The lesson's table, in GB: 16-bit weights, NF4 with and without double quant, what double quant saves,
     and 16-bit full fine-tuning at 12 bytes/param (weights 2 + gradients 2 + fp32 Adam moments 8)."""
-    return [{"params_b": n / 1e9, "bf16": weight_memory_gb(n, 16), "nf4": weight_memory_gb(n, "nf4", double_quant=False),
-             "nf4_dq": weight_memory_gb(n, "nf4"),
-             "dq_saves": weight_memory_gb(n, "nf4", double_quant=False) - weight_memory_gb(n, "nf4"),
-             "full_ft_16bit": n * 12 / 1e9} for n in sizes]
+    rows = []
+    for n in sizes:
+        nf4, nf4_dq = weight_memory_gb(n, "nf4", double_quant=False), weight_memory_gb(n, "nf4")
+        rows.append({"params_b": n / 1e9, "bf16": weight_memory_gb(n, 16), "nf4": nf4, "nf4_dq": nf4_dq,
+                     "dq_saves": nf4 - nf4_dq, "full_ft_16bit": n * 12 / 1e9})
+    return rows

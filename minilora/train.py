@@ -55,6 +55,8 @@ class TrainState:
 class Callback:
     """Override what you need; every hook receives the TrainState."""
     def on_train_start(self, state): ...
+    def on_before_optimizer_step(self, state): ...  # the gradients of every micro-batch are in p.grad, not yet
+    # clipped: a callback may read them or add a regularizer's gradient (AdaLoRA's), which clipping then sees
     def on_step_end(self, state): ...  # after the optimizer step, before the next batch
     def on_eval(self, state, metrics): ...
     def on_train_end(self, state): ...
@@ -130,10 +132,11 @@ class CorpusData:
 # ------------------------------------------------------------------------------ measuring memory
 class SavedTensorMeter:
     """Bytes of the activations autograd keeps for backward: every tensor saved by the forward pass,
-    counted once per storage, parameters excluded (they are counted as weights)."""
+    counted once per storage, parameters and buffers excluded (they are counted as weights)."""
 
     def __init__(self, model):
-        self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.param_storages = {t.untyped_storage().data_ptr()
+                               for t in [*model.parameters(), *model.buffers()]}
         self.storages = {}
 
     def pack(self, t):
@@ -179,7 +182,6 @@ def train(model, data, cfg: TrainConfig, callbacks=(), optimizer=None):
     if method_config is not None:
         callbacks = [*method_config.callbacks(model), *callbacks]
     state = TrainState(model, optimizer, cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(cfg.seed)
     use_amp = device.type == "cuda"
     if device.type == "cuda":
@@ -209,8 +211,10 @@ def train(model, data, cfg: TrainConfig, callbacks=(), optimizer=None):
             (loss / cfg.grad_accum).backward()
             loss_value += loss.item() / cfg.grad_accum
             tokens += x.numel()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        for cb in callbacks:
+            cb.on_before_optimizer_step(state)
+        if cfg.grad_clip > 0:  # the list is made anew: a callback may replace parameters (AdaLoRA's shrink)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         optimizer.step()
         if step == 1:
             memory = tensor_memory(model, optimizer)  # grads and optimizer state exist now
@@ -228,6 +232,9 @@ def train(model, data, cfg: TrainConfig, callbacks=(), optimizer=None):
             state.history.append({"step": step, "train_loss": loss_value, **metrics})
             for cb in callbacks:
                 cb.on_eval(state, metrics)
+            if best_state is not None and any(p.shape != best_state[n].shape for n, p in model.named_parameters()
+                                              if n in best_state):
+                best_loss = float("inf")  # a method reshaped its weights (AdaLoRA's shrink): older bests no longer fit
             if metrics["loss"] < best_loss:
                 best_loss = metrics["loss"]
                 best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -242,7 +249,7 @@ def train(model, data, cfg: TrainConfig, callbacks=(), optimizer=None):
                 if n in best_state:
                     p.copy_(best_state[n])
 
-    n_train = sum(p.numel() for p in trainable)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = model.num_params() if hasattr(model, "num_params") else sum(p.numel() for p in model.parameters())
     record = {
         "trainable_params": n_train,
