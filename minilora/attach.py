@@ -71,6 +71,12 @@ class MethodConfig:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
     peft_type: ClassVar[str | None] = None  # PEFT's name for the method, where PEFT has it ("LORA")
+
+    @classmethod
+    def peft_match(cls, raw: dict) -> bool:
+        """Whether a PEFT adapter_config.json with this peft_type is this method (PEFT saves some
+        methods under one peft_type: DoRA is LORA + use_dora)."""
+        return True
     identity_at_init: ClassVar[bool] = True  # whether attaching leaves the model's outputs unchanged
 
 
@@ -154,7 +160,8 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     raw = read_json(directory / ADAPTER_CONFIG)
     name = raw.get("minilora_method")
     if name is None and raw.get("peft_type"):  # an adapter saved by PEFT
-        name = next((m.name for m in METHODS.values() if m.config_cls.peft_type == raw["peft_type"]), None)
+        name = next((m.name for m in METHODS.values()
+                     if m.config_cls.peft_type == raw["peft_type"] and m.config_cls.peft_match(raw)), None)
     if name not in METHODS:
         raise CheckpointError(f"{directory / ADAPTER_CONFIG} is for method {name or raw.get('peft_type')!r}, "
                               f"which minilora does not know; known: {sorted(METHODS)}")

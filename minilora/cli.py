@@ -251,6 +251,8 @@ def main(argv=None):
                               progress=not args.no_progress)
             model, record = finetune(args.method, parse_opts(args.method, args.opt), args.task,
                                      args.model, cfg)
+            if args.no_progress:
+                print(summary(record))  # train() printed it already when the progress bar was on
             out = save_adapter(model, args.out or f"runs/finetune-{args.method}")
             print(f"saved the adapter to {out}")
             return record

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from . import lora
 from .attach import find_targets, register, replace_module
 from .lora import LoRAConfig, LoRALinear
+from .train import Callback
 
 
 @dataclass
@@ -40,6 +41,10 @@ class DoRAConfig(LoRAConfig):
         if self.embedding:
             raise ValueError("DoRA on the embedding (embedding=True) is not implemented; "
                              "adapt linears only, or use LoRAConfig(embedding=True)")
+
+    @classmethod
+    def peft_match(cls, raw: dict) -> bool:
+        return bool(raw.get("use_dora"))
 
     def trainable(self, name: str) -> bool:
         return super().trainable(name) or name.endswith(f".lora_magnitude_vector.{self.adapter_name}")
@@ -120,14 +125,13 @@ class DoRALinear(LoRALinear):
         if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
             return self.base_layer(x) + self.update(x, name)
         y = self.base_layer(x)  # W0 x + b: the one (d_in -> d_out) matmul, reused
-        f = self.scale(name)  # (d_out,)
-        z = y + self.lora_out(x, name)  # W0 x + b + s·B A x
+        f = self.scale(name).to(y.dtype)  # (d_out,); in y's dtype (bf16 under autocast) so h stays bf16
+        z = y + self.lora_out(x, name)  # W0 x + b + s·B A x: autograd keeps this one (B, T, d_out) for ∂L/∂m
         b = self.base_layer.bias
-        h = f * z if b is None else f * z + (1 - f) * b  # = f ⊙ (W0 x + s·B A x) + b: the bias is not scaled
-        return h.to(y.dtype)  # (under autocast y is bf16 and f fp32)
+        return f * z if b is None else f * z + (1 - f) * b.to(y.dtype)  # = f ⊙ (W0 x + s·B A x) + b, b unscaled
 
     def update(self, x, name):
-        """h − (W0 x + b) = (f − 1) ⊙ W0 x' + f ⊙ s·B A x', x' = dropout(x): the official code's form, used with
+        """h − (W0 x + b) = (f − 1) ⊙ W0 x' + f ⊙ s·B A x', x' = dropout(x): PEFT's form, used with
         dropout in training (the base path sees x, the DoRA terms x') and per adapter in a mixed batch."""
         x = self.lora_dropout[name](x)
         f = self.scale(name)
@@ -159,8 +163,45 @@ class DoRALinear(LoRALinear):
             self.merged, self.merged_norm = None, None
 
 
-@register("dora", DoRAConfig, lr=3e-3, description="DoRA: LoRA on the direction of W0, plus a trained magnitude per row")
+@register("dora", DoRAConfig, lr=3e-3,
+          description="DoRA: LoRA on the direction of W0, plus a trained magnitude per row")
 def apply(model, config: DoRAConfig) -> None:
     for n in find_targets(model, config.targets, config.layers):  # the nn.Linear modules LoRA would adapt
         replace_module(model, n, DoRALinear(model.get_submodule(n), config.detach_norm))
     lora.apply(model, config)  # LoRA's attach finds the DoRALinear wrappers and adds its adapter to each
+
+
+# ---------------------------------------------------------------- the paper's §4.1 analysis, in miniature
+def magnitude_direction_change(w0: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
+    """Liu et al. §4.1 (Fig. 2), per output feature i of the (d_out, d_in) weights:
+    ΔM = mean_i |‖w_i‖ − ‖w0_i‖|,   ΔD = mean_i (1 − cos(w_i, w0_i))."""
+    dM = (w.norm(dim=1) - w0.norm(dim=1)).abs().mean()
+    dD = (1 - F.cosine_similarity(w, w0, dim=1)).mean()
+    return dM.item(), dD.item()
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a (possibly adapted) linear applies: W0 + ΔW of its active adapter, or its own weight."""
+    if hasattr(module, "base_layer"):
+        W = module.base_layer.weight
+        return W if module.merged or module.active not in module.scaling else W + module.delta_weight(module.active)
+    return module.weight
+
+
+class DecompositionTracker(Callback):
+    """Records (step, ΔM, ΔD) of the query third of every layer's c_attn at each evaluation, against the
+    base's weights: the paper's Fig. 2 measures query weights the same way."""
+
+    def __init__(self, model):
+        self.names = [n for n, m in model.named_modules() if n.endswith("attn.c_attn")]
+        C = model.config.n_embd
+        self.rows = slice(0, C)  # q = rows 0..C-1 of the fused (3C, C) weight
+        with torch.no_grad():
+            self.w0 = {n: effective_weight(model.get_submodule(n))[self.rows].detach().clone() for n in self.names}
+        self.points = []  # (step, layer, ΔM, ΔD)
+
+    @torch.no_grad()
+    def on_eval(self, state, metrics):
+        for layer, n in enumerate(self.names):
+            w = effective_weight(state.model.get_submodule(n))[self.rows].float()
+            self.points.append((state.step, layer, *magnitude_direction_change(self.w0[n].float(), w)))

@@ -50,6 +50,10 @@ class LoRAConfig(MethodConfig):
 
     peft_type = "LORA"
 
+    @classmethod
+    def peft_match(cls, raw: dict) -> bool:
+        return not raw.get("use_dora")  # PEFT's DoRA files say LORA too
+
     def __post_init__(self):
         if self.bias not in ("none", "all", "lora_only") or not set(self.fused_qkv or _QKV) <= set(_QKV):
             raise ValueError(f"bias={self.bias!r}, fused_qkv={self.fused_qkv!r}: bias is 'none', 'all' or "
