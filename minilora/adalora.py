@@ -157,7 +157,7 @@ class SVDLinear(nn.Module):
         return self.base_layer
 
 
-@register("adalora", AdaLoRAConfig, lr=3e-3,
+@register("adalora", AdaLoRAConfig, lr=1e-2,
           description="AdaLoRA: SVD-form LoRA whose ranks are pruned by importance to a cubic budget")
 def apply(model, config: AdaLoRAConfig) -> None:
     for n in find_targets(model, config.targets, config.layers):

@@ -114,13 +114,13 @@ def _apply(model, config: AdapterConfig) -> None:
             replace_module(model, f"transformer.h.{i}.{sub}", adapter)
 
 
-@register("houlsby", AdapterConfig, lr=3e-3,
+@register("houlsby", AdapterConfig, lr=1e-2,
           description="bottleneck adapters after attention and MLP (Houlsby et al. 2019)")
 def apply(model, config: AdapterConfig) -> None:
     _apply(model, config)
 
 
-@register("pfeiffer", PfeifferConfig, lr=3e-3,
+@register("pfeiffer", PfeifferConfig, lr=1e-2,
           description="one bottleneck adapter after each MLP (Pfeiffer et al. 2021)")
 def apply_pfeiffer(model, config: PfeifferConfig) -> None:
     _apply(model, config)

@@ -163,7 +163,7 @@ class DoRALinear(LoRALinear):
             self.merged, self.merged_norm = None, None
 
 
-@register("dora", DoRAConfig, lr=3e-3,
+@register("dora", DoRAConfig, lr=1e-2,
           description="DoRA: LoRA on the direction of W0, plus a trained magnitude per row")
 def apply(model, config: DoRAConfig) -> None:
     for n in find_targets(model, config.targets, config.layers):  # the nn.Linear modules LoRA would adapt

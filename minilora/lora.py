@@ -329,7 +329,7 @@ def _add(model, name: str, config: LoRAConfig):
     model.lora_configs[name] = config
 
 
-@register("lora", LoRAConfig, lr=3e-3, description="LoRA: trains low-rank B A beside frozen weights")
+@register("lora", LoRAConfig, lr=1e-2, description="LoRA: trains low-rank B A beside frozen weights")
 def apply(model, config: LoRAConfig) -> None:
     model.lora_configs = {}  # adapter name -> its LoRAConfig
     _add(model, config.adapter_name, config)

@@ -194,7 +194,7 @@ class QLoRALinear(LoRALinear):
 
 
 # ------------------------------------------------------------------------ attaching
-@register("qlora", QLoRAConfig, lr=3e-3, description="QLoRA: LoRA on all linears of an NF4-quantized frozen base")
+@register("qlora", QLoRAConfig, lr=1e-2, description="QLoRA: LoRA on all linears of an NF4-quantized frozen base")
 def apply(model, config: QLoRAConfig) -> None:
     for name in find_targets(model, config.targets, config.layers) if config.targets else []:
         linear = model.get_submodule(name)  # the nn.Linear W0 (d_out, d_in): quantized, then dropped

@@ -68,3 +68,10 @@ def test_readme_results_come_from_the_committed_files():
     text = README.read_text()
     section = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
     assert section == results_markdown(), "README results are stale: run `python -m minilora readme`"
+
+
+def test_pretrain_is_bit_for_bit_deterministic(tmp_path):
+    for out in ("a", "b"):
+        main(["pretrain", "--steps", "2", "--batch-size", "2", "--no-progress", "--out", str(tmp_path / out)])
+    a, b = (tmp_path / "a" / "model.safetensors").read_bytes(), (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert a == b
