@@ -20,8 +20,8 @@ from .prefix import PrefixConfig  # noqa: E402
 from .prompt import PromptConfig  # noqa: E402
 from .adalora import AdaLoRAConfig  # noqa: E402
 from .qlora import QLoRAConfig  # noqa: E402
-from .dora import DoRAConfig  # noqa: E402
+from .dora import DoRAConfig, QDoRAConfig  # noqa: E402
 
 __all__ = ["GPT", "GPTConfig", "PRESETS", "METHODS", "MethodConfig", "attach", "mark_trainable",
            "adapter_state_dict", "save_adapter", "load_adapter", "merge", "unmerge", "merge_and_unload", "register", "CheckpointError",
-           "BASE_DIR", "quick", "FullConfig", "LoRAConfig", "AdapterConfig", "PfeifferConfig", "PrefixConfig", "PromptConfig", "AdaLoRAConfig", "QLoRAConfig", "DoRAConfig"]
+           "BASE_DIR", "quick", "FullConfig", "LoRAConfig", "AdapterConfig", "PfeifferConfig", "PrefixConfig", "PromptConfig", "AdaLoRAConfig", "QLoRAConfig", "DoRAConfig", "QDoRAConfig"]

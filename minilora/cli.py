@@ -53,17 +53,20 @@ def finetune(method: str, config=None, task_name=DEFAULT_TASK, model_dir=None, t
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
     spec = METHODS[method]
     model = load_base(model_dir)
+    n_base = model.num_params()  # before attach: a quantized base keeps its weights as buffers, not parameters
     attach(model, config if config is not None else spec.config_cls())
     task = load_task(task_name)
     train_cfg = train_cfg or TrainConfig(lr=spec.lr)
     record = train(model, task, train_cfg)
+    # trainable share of the base model's parameters, the same denominator for every method
+    record.update(total_params=n_base, trainable_pct=100.0 * record["trainable_params"] / n_base)
     return model, {"method": method, "task": task_name, "lr": train_cfg.lr, **record}
 
 
 def compare_config(args) -> TrainConfig:
     q = args.quick or quick()
-    return TrainConfig(steps=args.steps or (20 if q else 300), batch_size=args.batch_size,
-                       eval_every=args.steps or (20 if q else 100), eval_examples=64 if q else 256,
+    return TrainConfig(steps=args.steps or (20 if q else 240), batch_size=args.batch_size,
+                       eval_every=args.steps or (20 if q else 80), eval_examples=64 if q else 256,
                        seed=args.seed, progress=not args.no_progress)
 
 
@@ -201,7 +204,7 @@ def build_parser():
     common(c)
     c.add_argument("--methods", help="comma-separated subset (default: all)")
     c.add_argument("--task", default=DEFAULT_TASK, choices=sorted(TASKS), help="task (default %(default)s)")
-    c.add_argument("--steps", type=int, help="steps per method (default 300; 20 with --quick)")
+    c.add_argument("--steps", type=int, help="steps per method (default 240; 20 with --quick)")
     c.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
     c.add_argument("--quick", action="store_true", help="a fast smoke run (also MINILORA_QUICK=1)")
     c.add_argument("--out", default="runs/compare", help="output directory (default %(default)s)")

@@ -16,6 +16,7 @@ Norm: detached from the graph by default (paper §4.3; `detach_norm`), and compu
 Merge: W0 <- f ⊙ (W0 + s·BA) row by row; exact, and unmerge keeps f to undo it.
 Everything else (targets, ranks, named adapters, files) is LoRA's (lora.py): DoRALinear is a LoRALinear with
 one more tensor, saved under PEFT's key `lora_magnitude_vector`, and `use_dora: true` in adapter_config.json.
+QDoRA, the same DoRALinear over QLoRA's frozen NF4 layer (qlora.Linear4bit), is the last section of this file.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from . import lora
 from .attach import find_targets, register, replace_module
 from .lora import LoRAConfig, LoRALinear
+from .qlora import Linear4bit, QLoRAConfig
 from .train import Callback
 
 
@@ -68,6 +70,7 @@ class DoRALinear(LoRALinear):
         self.lora_magnitude_vector = nn.ParameterDict()  # adapter -> m (d_out,)
         self.detach_norm = detach_norm
         self.merged_norm: torch.Tensor | None = None  # ‖W0 + s·BA‖ at merge(), for unmerge()
+        self.unmerged_base: tuple[nn.Module] | None = None  # a 4-bit base set aside by merge() (QDoRA)
         self._w0_sq, self._w0_sq_key = None, None  # cache of ‖w_i‖², and the W0 version it was computed from
 
     def add(self, name, r, alpha, use_rslora=False, dropout=0.0, parts=None):
@@ -79,12 +82,16 @@ class DoRALinear(LoRALinear):
     # ---------------------------------------------------------------- the norm, without the (d_out, d_in) matrix
     def w0_sq(self) -> torch.Tensor:
         """‖w_i‖² for each row w_i of W0, (d_out,) in fp32. W0 is frozen, so it is computed once; again only
-        when W0 is changed in place (merge, a reload) or moved, which changes its version counter or storage."""
-        w = self.base_layer.weight
-        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        when W0 is changed in place (merge, a reload) or moved, which changes its version counter or storage.
+        The key is read from the tensors that store W0: nn.Linear's weight, or a Linear4bit's NF4 buffers
+        (whose .weight is a fresh dequantized copy at every access, so it cannot serve as a key)."""
+        base = self.base_layer
+        stored = [t for n, t in (*base.named_parameters(recurse=False), *base.named_buffers(recurse=False))
+                  if n != "bias"]
+        key = [(t.data_ptr(), t._version, t.device, t.dtype) for t in stored]
         if key != self._w0_sq_key:
             with torch.no_grad():
-                self._w0_sq = w.float().square().sum(1)  # (d_out, d_in) -> (d_out,)
+                self._w0_sq = base.weight.float().square().sum(1)  # (d_out, d_in) -> (d_out,)
             self._w0_sq_key = key
         return self._w0_sq
 
@@ -146,14 +153,31 @@ class DoRALinear(LoRALinear):
         return f * (W0 + self.scaling[name] * (B @ A)) - W0  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
 
     def merge(self):
-        """W0 <- f ⊙ (W0 + s·BA) (LoRALayer.merge adds delta_weight); idempotent. Keeps the norm for unmerge."""
-        if not self.merged and self.active in self.scaling:
-            with torch.no_grad():
-                self.merged_norm = self.weight_norm(self.active)
-        super().merge()
+        """W0 <- f ⊙ (W0 + s·BA) (LoRALayer.merge adds delta_weight); idempotent. Keeps the norm for unmerge.
+        A base whose weight cannot be written (QDoRA's Linear4bit: 4-bit storage) is set aside and replaced by
+        an nn.Linear holding its dequantized W0 in W0's dtype, which then takes the merge as above."""
+        if self.merged or self.active not in self.scaling:
+            return
+        with torch.no_grad():
+            self.merged_norm = self.weight_norm(self.active)
+        base = self.base_layer
+        if not isinstance(base, nn.Linear):
+            W = base.weight  # (d_out, d_in), dequantized
+            self.base_layer = nn.Linear(W.size(1), W.size(0), bias=False, device="meta")
+            self.base_layer.weight, self.base_layer.bias = nn.Parameter(W, requires_grad=False), base.bias
+        try:
+            super().merge()
+        finally:
+            if not self.merged:  # refused (NaN, or inside adapter_rows): the base is back as it was
+                self.base_layer = base
+        self.unmerged_base = None if self.base_layer is base else (base,)  # a tuple: kept out of state_dict
 
     def unmerge(self):
-        """W0 <- W'/f − s·BA, with f from the norm kept at merge(); exact up to float rounding."""
+        """W0 <- W'/f − s·BA, with f from the norm kept at merge(); exact up to float rounding. A base set
+        aside by merge() is put back instead: exact, bit for bit."""
+        if self.merged and self.unmerged_base:
+            self.base_layer, self.unmerged_base = self.unmerged_base[0], None
+            self.merged, self.merged_norm = None, None
         if self.merged:
             name, W = self.merged, self.base_layer.weight
             B, A = self.factors(name)
@@ -205,3 +229,27 @@ class DecompositionTracker(Callback):
         for layer, n in enumerate(self.names):
             w = effective_weight(state.model.get_submodule(n))[self.rows].float()
             self.points.append((state.step, layer, *magnitude_direction_change(self.w0[n].float(), w)))
+
+
+# ---------------------------------------------------------------- QDoRA: DoRA on QLoRA's NF4 base (arXiv 2305.14314)
+# h = m ⊙ (W0q x + s·B A x)/‖W0q + s·BA‖ + b,   W0q = doubleDequant(c1, c2, W_NF4) (qlora.py) in place of W0.
+# Nothing new is computed: DoRALinear wraps a Linear4bit, whose forward dequantizes on the fly and whose .weight
+# (a dequantized copy) is the W0 of the norm. Trained: m, A, B. Frozen: the NF4 buffers. Init: m = ‖W0q‖_row,
+# B = 0, so step 0 is the *quantized* base (identity_at_init False, as QLoRA's). The default detach_norm matters
+# more here: attached, backward of W0q Aᵀ in weight_norm would keep a dense W0q per layer, which 4 bits avoid.
+@dataclass
+class QDoRAConfig(QLoRAConfig, DoRAConfig):
+    """QLoRAConfig's fields (targets "all-linear", block_size, double_quant, compute_dtype, paged_optimizer)
+    and DoRAConfig's detach_norm. Python's method order (QLoRAConfig, DoRAConfig, LoRAConfig) gives QLoRA's
+    defaults, to_json and identity_at_init = False, and DoRA's magnitude in trainable(), its embedding check,
+    peft_match (use_dora) and "use_dora": true in to_json (QLoRA's to_json extends DoRA's through super())."""
+
+
+@register("qdora", QDoRAConfig, lr=1e-2,
+          description="QDoRA: DoRA on all linears of an NF4-quantized frozen base")
+def apply_qdora(model, config: QDoRAConfig) -> None:
+    for n in find_targets(model, config.targets, config.layers):
+        linear = model.get_submodule(n)  # the nn.Linear W0 (d_out, d_in): quantized, then dropped
+        base = Linear4bit(linear.weight, linear.bias, config.block_size, config.double_quant, config.compute_dtype)
+        replace_module(model, n, DoRALinear(base, config.detach_norm))
+    lora.apply(model, config)  # m = ‖W0q‖_row, A, B on each DoRALinear, as DoRA adds them

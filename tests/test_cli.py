@@ -20,9 +20,13 @@ def test_committed_base_exists():
 
 
 def test_compare_quick_writes_table_json_and_plot(tmp_path):
-    results = main(["compare", "--quick", "--methods", "full", "--steps", "3", "--no-progress",
+    results = main(["compare", "--quick", "--methods", "full,qlora", "--steps", "3", "--no-progress",
                     "--out", str(tmp_path)])
-    assert [r["method"] for r in results["rows"]] == ["full"]
+    assert [r["method"] for r in results["rows"]] == ["full", "qlora"]
+    full, qlora = results["rows"]
+    # the share is of the base's parameters for every method, even when the base is quantized into buffers
+    assert full["total_params"] == qlora["total_params"] == 1_334_016
+    assert qlora["trainable_pct"] == 100 * qlora["trainable_params"] / 1_334_016
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["rows"][0]["trainable_params"] == results["rows"][0]["trainable_params"]
     table = (tmp_path / "compare.md").read_text()

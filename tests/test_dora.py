@@ -386,3 +386,116 @@ def test_decomposition_tracker_records_every_layer_at_each_eval():
                                                            progress=False), callbacks=[tracker])
     assert [(s, layer) for s, layer, _, _ in tracker.points] == [(2, 0), (2, 1), (4, 0), (4, 1)]
     assert all(dm > 0 and dd > 0 for _, _, dm, dd in tracker.points)  # the weights really moved
+
+
+# ------------------------------------------------------------------------ QDoRA: DoRA on the NF4 base
+from minilora import QDoRAConfig  # noqa: E402
+from minilora.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
+from minilora.qlora import Linear4bit  # noqa: E402
+
+
+def quantized(base):
+    """The base with every linear but lm_head replaced by doubleDequant(NF4(W0)): what QDoRA starts from."""
+    q = copy.deepcopy(base)
+    with torch.no_grad():
+        for n, m in q.named_modules():
+            if isinstance(m, torch.nn.Linear) and n != "lm_head":
+                m.weight.copy_(dequantize_nf4(quantize_nf4(m.weight)))
+    return q
+
+
+def test_qdora_at_init_equals_the_nf4_quantized_base():
+    base, model = with_dora(QDoRAConfig(), biases=True)
+    assert all(isinstance(m.base_layer, Linear4bit) for m in dora_modules(model).values())
+    x = tokens()
+    assert torch.equal(logits(model, x), logits(quantized(base), x))  # exactly: f = 1 and B = 0
+    assert not torch.allclose(logits(model, x), logits(base, x), atol=1e-4)  # not the original base
+    assert QDoRAConfig.identity_at_init is False
+
+
+def test_qdora_magnitude_init_is_row_norm_of_the_dequantized_W0():
+    base, model = with_dora(QDoRAConfig())
+    for n, m in dora_modules(model).items():
+        W0q = m.base_layer.quant.dequantize(torch.float32)  # (d_out, d_in)
+        mag = m.lora_magnitude_vector["default"]
+        torch.testing.assert_close(mag, torch.linalg.norm(W0q, dim=1), atol=1e-6, rtol=0)
+        assert (mag - torch.linalg.norm(base.get_submodule(n).weight, dim=1)).abs().max() > 1e-4  # not ‖W0‖
+
+
+def test_qdora_a_few_steps_lower_the_loss_and_leave_the_nf4_buffers_alone():
+    _, model = with_dora(QDoRAConfig(r=4, alpha=8))
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    mags = {n: p.detach().clone() for n, p in model.named_parameters() if "magnitude" in n}
+    assert mags and all(model.minilora_config.trainable(n) for n in mags)
+    x, y = tokens(8, 12), tokens(8, 12, seed=1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(x, y)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())  # NF4 bytes and constants
+    assert all((p - mags[n]).abs().max() > 1e-3 for n, p in model.named_parameters() if n in mags)
+
+
+def test_qdora_detached_norm_saves_no_dense_weight_for_backward():
+    for detach in (True, False):
+        _, model = with_dora(QDoRAConfig(detach_norm=detach))
+        shapes = {(m.base_layer.out_features, m.base_layer.in_features) for m in dora_modules(model).values()}
+        shapes |= {s[::-1] for s in shapes}  # a weight, or its transpose
+        x = tokens()  # (3, 10): no activation here has a weight's shape
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            model(x, torch.roll(x, -1, 1))
+        dense = [tuple(t.shape) for t in saved if t.is_floating_point() and tuple(t.shape) in shapes]
+        assert bool(dense) == (not detach)  # attached: W0q Aᵀ in weight_norm keeps the dequantized W0q
+
+
+def test_qdora_save_load_identical_logits_with_peft_dora_fields(tmp_path):
+    _, model = with_dora(QDoRAConfig(r=4, alpha=8))
+    randomize(model)
+    save_adapter(model, tmp_path)
+    raw = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    assert raw["minilora_method"] == "qdora" and raw["peft_type"] == "LORA" and raw["use_dora"] is True
+    assert raw["fan_in_fan_out"] is False and raw["minilora_quantization"]["bnb_4bit_quant_type"] == "nf4"
+    assert QDoRAConfig.from_json(raw) == model.minilora_config
+    keys = set(load_safetensors(tmp_path / ADAPTER_WEIGHTS))
+    assert "base_model.model.transformer.h.0.mlp.c_fc.lora_magnitude_vector" in keys
+    assert all(re.search(r"\.(lora_[AB]\.weight|lora_magnitude_vector)$", k) for k in keys)  # no NF4 buffers
+    fresh = load_adapter(tiny(), tmp_path)  # an unquantized base: load_adapter quantizes it again
+    assert isinstance(fresh.minilora_config, QDoRAConfig)
+    assert torch.equal(logits(fresh, tokens()), logits(model, tokens()))
+
+
+def test_qdora_merge_is_exact_in_W0s_dtype_and_unmerge_restores_the_4bit_layer():
+    base, model = with_dora(QDoRAConfig(), biases=True)
+    randomize(model, std=0.3)
+    x = tokens()
+    before, buffers = logits(model, x), {k: v.clone() for k, v in model.named_buffers()}
+    expected = {}
+    for n, m in dora_modules(model).items():  # paper(): m · (W0q + s·BA)/‖W0q + s·BA‖, W0q dequantized
+        W0q, b, mag, A, B, s = factors(m)
+        expected[n] = paper(torch.eye(m.base_layer.in_features), W0q, None, mag, A, B, s).detach().T
+    merge(model)
+    for n, m in dora_modules(model).items():
+        assert type(m.base_layer) is torch.nn.Linear and m.base_layer.weight.dtype == torch.float32
+        torch.testing.assert_close(m.base_layer.weight, expected[n], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(model, x), before, atol=1e-5, rtol=0)
+    merge(model)  # idempotent
+    unmerge(model)
+    assert all(isinstance(m.base_layer, Linear4bit) for m in dora_modules(model).values())
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+    assert torch.equal(logits(model, x), before)  # bit for bit: the 4-bit layer itself came back
+    merge_and_unload(model)
+    assert not dora_modules(model) and set(model.state_dict()) == set(base.state_dict())
+    torch.testing.assert_close(logits(model, x), before, atol=1e-5, rtol=0)
+
+
+def test_qdora_trainable_count_on_tiny_preset():
+    torch.manual_seed(0)
+    model = attach(GPT(PRESETS["tiny"]), QDoRAConfig())  # all-linear, r 8: DoRA's count (lessons/06-dora.md §11)
+    assert model.num_params(trainable_only=True) == 70_144

@@ -13,7 +13,6 @@ latency is hidden (CPU: perf_counter), after warm-up; the median (and min) of th
 Writes a JSON with the device, versions, command line and rows.
 """
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -24,6 +23,7 @@ import time
 import torch
 
 from minilora.nf4 import DYNAMIC_CODE, dequantize_nf4, quantize_nf4
+from minilora.bench import write_result
 
 GPU_SHAPES = "4096x4096,4096x14336,8192x28672"
 CPU_SHAPES = "256x256,1024x1024"
@@ -200,12 +200,7 @@ def main(argv=None) -> dict:
     args.compile = args.compile if args.compile is not None else on_gpu
     result = run(args)
     print_table(result)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)  # never leave a half-written file
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
     return result
 
 

@@ -17,7 +17,6 @@ Writes a JSON with the device, versions, command line, rows and ratios.
 import argparse
 import copy
 import gc
-import json
 import os
 import shlex
 import statistics
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from minilora import METHODS, GPT, GPTConfig, PRESETS, DoRAConfig, LoRAConfig, attach
 from minilora.bench.dequant import _cpu_name
 from minilora.dora import DoRALinear
+from minilora.bench import write_result
 
 QUICK_CPU = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=16)
 TARGETS = {"time": 1.2, "memory": 1.1}  # DoRA / LoRA, at most
@@ -234,12 +234,7 @@ def main(argv=None) -> dict:
     args.iters = args.iters if args.iters is not None else (2 if args.quick else 20)
     result = run(args)
     print_table(result)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)  # never leave a half-written file
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
     return result
 
 

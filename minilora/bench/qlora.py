@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import shlex
 import statistics
@@ -37,6 +36,7 @@ from minilora.full import FullConfig
 from minilora.lora import LoRAConfig
 from minilora.qlora import Linear4bit, QLoRAConfig, weight_memory_gb
 from minilora.train import default_optimizer
+from minilora.bench import write_result
 
 SHAPES = {
     "gpt2": PRESETS["gpt2"],  # 124M
@@ -241,12 +241,7 @@ def main(argv=None) -> dict:
             setattr(args, name, quick if args.quick else normal)
     result = run(args)
     print_table(result)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)  # never leave a half-written file
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
     return result
 
 
