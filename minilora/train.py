@@ -11,6 +11,7 @@ through its config's `callbacks()` / `optimizer()` hooks (attach.py); a user may
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -201,13 +202,11 @@ def train(model, data, cfg: TrainConfig, callbacks=(), optimizer=None):
         for _ in range(cfg.grad_accum):
             x, y = data.batch(cfg.batch_size, gen)
             x, y = x.to(device), y.to(device)
-            hooks = torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t) if step == 1 else None
-            if hooks is not None:
-                hooks.__enter__()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            # on the first step, count the activations autograd keeps for backward
+            saving = (torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t) if step == 1
+                      else contextlib.nullcontext())
+            with saving, torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 _, loss = model(x, y)
-            if hooks is not None:
-                hooks.__exit__(None, None, None)
             (loss / cfg.grad_accum).backward()
             loss_value += loss.item() / cfg.grad_accum
             tokens += x.numel()
