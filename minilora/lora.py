@@ -52,7 +52,8 @@ class LoRAConfig(MethodConfig):
 
     @classmethod
     def peft_match(cls, raw: dict) -> bool:
-        return not raw.get("use_dora")  # PEFT's DoRA files say LORA too
+        # PEFT's DoRA files say LORA too, and so do PiSSA/OLoRA files (whose base is a residual: pissa.py)
+        return not raw.get("use_dora") and not str(raw.get("init_lora_weights")).startswith(("pissa", "olora"))
 
     def __post_init__(self):
         if self.bias not in ("none", "all", "lora_only") or not set(self.fused_qkv or _QKV) <= set(_QKV):
@@ -339,6 +340,9 @@ def apply(model, config: LoRAConfig) -> None:
 def add_adapter(model, name: str, config: LoRAConfig):
     """Add adapter `name`: inactive and frozen, as in PEFT (on a model without LoRA: attach it)."""
     config = dataclasses.replace(config, adapter_name=name)
+    if getattr(config, "init", True) is not True:  # pissa.py's inits run at attach, not here
+        raise ValueError(f"add_adapter makes LoRA-initialized adapters; init={config.init!r} needs its own "
+                         f"model: attach it to a fresh model (minilora.attach) instead")
     if getattr(model, "minilora_config", None) is None:
         return attach(model, config)
     if not isinstance(model.minilora_config, LoRAConfig):
