@@ -50,6 +50,7 @@ from .lora import LoRAConfig
 @dataclass
 class LongLoRAConfig(LoRAConfig):
     """LoRAConfig's fields (r, alpha, dropout, targets, ...), plus:"""
+    named_adapters: ClassVar[bool] = False  # initialized at attach: lora.add_adapter would skip that
     targets: list[str] | str = field(default_factory=lambda: ["c_attn", "attn.c_proj"])  # q, k, v and o
     context_factor: int = 2  # new block_size = factor × the base's, by position interpolation
     group_size_ratio: float = 0.25  # G = ratio · T in training (official: 1/4)

@@ -21,6 +21,7 @@ import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -49,6 +50,7 @@ class LoRAConfig(MethodConfig):
     adapter_name: str = "default"  # which named adapter of the model this config describes
 
     peft_type = "LORA"
+    named_adapters: ClassVar[bool] = True  # whether lora.add_adapter can add more adapters of this config
 
     @classmethod
     def peft_match(cls, raw: dict) -> bool:
@@ -340,9 +342,9 @@ def apply(model, config: LoRAConfig) -> None:
 def add_adapter(model, name: str, config: LoRAConfig):
     """Add adapter `name`: inactive and frozen, as in PEFT (on a model without LoRA: attach it)."""
     config = dataclasses.replace(config, adapter_name=name)
-    if getattr(config, "init", True) is not True:  # pissa.py's inits run at attach, not here
-        raise ValueError(f"add_adapter makes LoRA-initialized adapters; init={config.init!r} needs its own "
-                         f"model: attach it to a fresh model (minilora.attach) instead")
+    if not config.named_adapters:  # e.g. PiSSA's init or LoRA-FA's seeded A run at attach, not here
+        raise ValueError(f"{type(config).__name__} does not support add_adapter (it initializes at attach); "
+                         f"attach it to a fresh model (minilora.attach) instead")
     if getattr(model, "minilora_config", None) is None:
         return attach(model, config)
     if not isinstance(model.minilora_config, LoRAConfig):

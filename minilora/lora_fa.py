@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,7 @@ from .train import Callback
 @dataclass
 class LoRAFAConfig(LoRAConfig):
     """LoRAConfig's fields (r, alpha, dropout, targets, layers, ...), plus:"""
+    named_adapters: ClassVar[bool] = False  # initialized at attach: lora.add_adapter would skip that
     seed: int = 0  # seeds the generator that draws every frozen A (saved in adapter_config.json, so A need not be)
     project_grad: bool = False  # True: ∂L/∂B ← (1/s²)·∂L/∂B·(AAᵀ)⁻¹ before AdamW (PEFT's LoraFAOptimizer)
 

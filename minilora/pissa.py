@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import math
 import re
+from typing import ClassVar
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ SEED = 0  # of the randomized SVD: attach and load_adapter must draw the same W_
 @dataclass
 class PiSSAConfig(LoRAConfig):
     """LoRAConfig's fields (r, alpha, targets, layers, rank_pattern, ...), plus:"""
+    named_adapters: ClassVar[bool] = False  # initialized at attach: lora.add_adapter would skip that
     init: bool | str = "pissa"  # PEFT's init_lora_weights: "pissa", "pissa_niter_<K>" (randomized SVD, K
     # iterations), "olora", "gaussian" (A ~ N(0, std 1/r), B = 0) or True (LoRA's Kaiming-uniform A, B = 0)
 

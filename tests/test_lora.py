@@ -469,3 +469,12 @@ def test_peft_adapter_loads_in_minilora(case, hf_base, tmp_path):
     ours = load_adapter(GPT.from_pretrained(directory), tmp_path)
     torch.testing.assert_close(logits(ours, tokens()), peft_logits(theirs, tokens()), atol=1e-5, rtol=0)
     assert ours.num_params(trainable_only=True) == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+
+
+def test_add_adapter_refuses_configs_that_initialize_at_attach():
+    from minilora.lora_fa import LoRAFAConfig
+    from minilora.pissa import PiSSAConfig
+    model = with_lora(LoRAConfig())
+    for config in (LoRAFAConfig(), PiSSAConfig()):
+        with pytest.raises(ValueError, match="fresh model"):
+            lora.add_adapter(model, "other", config)
