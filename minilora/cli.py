@@ -85,6 +85,14 @@ def compare(args):
     results = {"task": args.task, "quick": args.quick or quick(), "torch": torch.__version__,
                "command": "python -m minilora " + " ".join(sys.argv[1:]),
                "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    if getattr(args, "update", False) and (out / "compare.json").is_file():  # merge into the earlier run's rows
+        old = json.loads((out / "compare.json").read_text())
+        if (old["task"], old["quick"], old["rows"][0]["steps"]) != (args.task, results["quick"], rows[0]["steps"]):
+            raise ValueError(f"--update: {out / 'compare.json'} holds task {old['task']!r}, quick={old['quick']}, "
+                             f"{old['rows'][0]['steps']} steps; rerun it whole instead of mixing settings")
+        ours = {r["method"] for r in rows}
+        results.update(command=f"{old['command']}; then {results['command']}", date=f"{old['date']}, {results['date']}",
+                       rows=[r for r in old["rows"] if r["method"] not in ours] + rows)
     atomic_write_text(out / "compare.json", json.dumps(results, indent=2) + "\n")
     table = markdown_table(results)
     atomic_write_text(out / "compare.md", table + "\n")
@@ -212,6 +220,8 @@ def build_parser():
     c.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
     c.add_argument("--quick", action="store_true", help="a fast smoke run (also MINILORA_QUICK=1)")
     c.add_argument("--out", default="runs/compare", help="output directory (default %(default)s)")
+    c.add_argument("--update", action="store_true",
+                   help="replace or add these methods' rows in an existing OUT/compare.json (same task and steps)")
 
     f = sub.add_parser("finetune", help="fine-tune the base with one method and save the adapter")
     common(f)

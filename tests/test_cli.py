@@ -34,6 +34,20 @@ def test_compare_quick_writes_table_json_and_plot(tmp_path):
     assert (tmp_path / "compare.png").stat().st_size > 1000
 
 
+def test_compare_update_replaces_and_adds_rows_and_refuses_other_settings(tmp_path, capsys):
+    main(["compare", "--quick", "--methods", "full,lora", "--steps", "2", "--no-progress", "--out", str(tmp_path)])
+    before = json.loads((tmp_path / "compare.json").read_text())
+    results = main(["compare", "--quick", "--methods", "lora,prompt", "--steps", "2", "--no-progress",
+                    "--out", str(tmp_path), "--update"])
+    assert [r["method"] for r in results["rows"]] == ["full", "lora", "prompt"]
+    assert results["rows"][0] == before["rows"][0]  # full's row kept as it was
+    assert "; then " in results["command"]
+    with pytest.raises(SystemExit):
+        main(["compare", "--quick", "--methods", "lora", "--steps", "3", "--no-progress", "--out", str(tmp_path),
+              "--update"])
+    assert "rerun it whole" in capsys.readouterr().err
+
+
 def test_finetune_saves_an_adapter_and_generate_uses_it(tmp_path):
     main(["finetune", "--method", "full", "--steps", "2", "--no-progress", "--out", str(tmp_path / "a")])
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
