@@ -53,7 +53,7 @@ def eq7_reference(attn: AdaptedAttention, x):
     """Paper eq. 7 written out: scores over [prompt; tokens], the two parts softmaxed separately,
     the prompt part scaled by tanh(g) per head, one weighted sum over [V_p; V], then W_o."""
     base, C = attn.base, x.size(-1)
-    nh, hs, K = base.n_head, C // base.n_head, attn.adaption_prompt.size(0)
+    nh, hs = base.n_head, C // base.n_head
     q, k, v = base.c_attn(x).split(C, dim=2)
     _, kp, vp = base.c_attn(attn.adaption_prompt).split(C, dim=1)
     heads = lambda t: t.view(*t.shape[:-1], nh, hs).transpose(-3, -2)  # (..., L, C) -> (..., nh, L, hs)

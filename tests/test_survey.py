@@ -5,7 +5,6 @@ lora_A (r, d_in), lora_B (d_out, r) and scaling) or minilora/nf4.py, in a few li
 to a test of the property the variant's paper relies on. Read the exercise in the lesson first."""
 import math
 
-import pytest
 import torch
 import torch.nn as nn
 

@@ -19,7 +19,8 @@ def triton_available() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    return triton_available() and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    # the device test first: importing triton takes seconds, and a CPU tensor never needs it
+    return (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and triton_available()
 
 
 def dequantize(q: NF4Weight, dtype: torch.dtype = None) -> torch.Tensor:
