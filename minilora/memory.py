@@ -18,6 +18,8 @@ input only when its weight trains, GELU keeps its input, the attention kernel ke
 op keeps anything depends on what needs a gradient: in LoRA's first block nothing does before the first
 adapter, so ln_1 keeps nothing there. Tensors that are one storage (q, k, v; the attention output, which is
 also c_proj's input) share one key, so each is counted once, as train.SavedTensorMeter counts storages.
+LongLoRA's S²-Attn is the one attention that runs SDPA's math path (5-D grouped inputs): it keeps fp32 copies
+of q, k, v and a (G, G) softmax per group instead (_s2_attention).
 
 What each method adds is one entry of MEMORY ({"lora": _lora, ...}): a Plan naming what trains, what it adds
 beside each linear, and what it changes in the model. `measure(model, B, T)` runs one step on the CPU and
@@ -134,6 +136,8 @@ class Plan:
     prompt: int = 0  # P vectors before the tokens: the blocks see P + T positions
     prompt_hidden: int | None = None  # P-tuning's MLP encoder width
     paged: bool = False  # PagedAdamW: the moments live in CPU memory
+    context_factor: int = 1  # LongLoRA: wpe has factor × block_size rows (position interpolation)
+    s2_attn: tuple | None = None  # LongLoRA's S²-Attn in training: (group_size_ratio, shift)
     method_state: Callable[[int], int] = lambda weight_bytes: 0  # per-step state a method's callbacks keep
 
 
@@ -231,6 +235,16 @@ def _vera(c, cfg, method="vera") -> Plan:
     return plan
 
 
+def _longlora(c, cfg) -> Plan:
+    """LongLoRA (longlora.py): LoRA's branches, plus wte, wpe and the LayerNorms with train_embed_norm
+    (LongLoRAConfig.trainable), a position table of context_factor × block_size rows, and S²-Attn in
+    training. Its AdamW has two param groups: the same state per tensor as one."""
+    plan = _lora(c, cfg, method="longlora")
+    plan.trains, plan.context_factor = cfg.trainable, cfg.context_factor  # lora_* are not GPT names: base ones only
+    plan.s2_attn = (cfg.group_size_ratio, cfg.shift) if cfg.s2_attn else None
+    return plan
+
+
 def _llama_adapter(c, cfg) -> Plan:
     L = c.n_layer if cfg.adapter_layers is None else cfg.adapter_layers
     K = cfg.adapter_len
@@ -282,6 +296,7 @@ MEMORY: dict[str, Callable[[GPTConfig, object], Plan]] = {
     "vera": _vera,
     "tied_lora": functools.partial(_vera, method="tied_lora"),
     "llama_adapter": _llama_adapter,
+    "longlora": _longlora,
     "adalora": _adalora,
     "houlsby": _adapters,
     "pfeiffer": _adapters,
@@ -404,6 +419,9 @@ def _attention(S, c, B, T, h, g, plan, a) -> bool:
     C, nh = c.n_embd, c.n_head
     if plan.prefix is None and not g:
         return False
+    if plan.s2_attn is not None and max(1, round(plan.s2_attn[0] * T)) < T:  # G ≥ T: plain causal SDPA
+        _s2_attention(S, c, B, T, h, plan, a)
+        return True
     S[f"{h}.attn.qkv"] = 3 * B * T * C * a
     S[f"{h}.attn.y"] = B * T * C * a  # also attn.c_proj's input: one tensor
     S[f"{h}.attn.lse"] = B * nh * T * 4
@@ -414,6 +432,27 @@ def _attention(S, c, B, T, h, g, plan, a) -> bool:
         if hidden:  # the encoder runs in every layer: tanh's output (P, hidden), which the 2nd Linear keeps too
             S[f"{h}.attn.prefix_tanh"] = P * hidden * a
     return True
+
+
+def _s2_attention(S, c, B, T, h, plan, a):
+    """LongLoRA's S²-Attn (longlora.py::s2_attention): per half of the heads (one group of nh heads without
+    shift), _grouped_causal pads q, k, v with `front` empty positions before and the rest of the last group
+    after, into new (B, h, n·G, hs) tensors (n = ⌈(front + T)/G⌉ groups), viewed as (B, h, n, G, hs). SDPA on 5-D
+    inputs runs its math path (the fused kernels take 4-D only), which keeps no q, k, v of c_attn's output and no
+    log-sum-exp: q·√scale and kᵀ·√scale (each the other's factor in q kᵀ), the softmax output (B, h, n, G, G)
+    (its own backward, and attn @ v's factor for ∂L/∂v) and the padded v (B, h, n, G, hs). Its output is cut,
+    concatenated and transposed into a new (B, T, C) tensor: c_proj's input, kept by c_proj if it needs it.
+    The math path computes in fp32: it upcasts bf16 / fp16 inputs (unless
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)), so these four are fp32 whatever act_bytes is."""
+    C, nh, (ratio, shift) = c.n_embd, c.n_head, plan.s2_attn
+    a = max(a, 4)  # fp32 (measured on the CPU in bf16 too)
+    hs, G = C // nh, max(1, round(ratio * T))  # S2Attention.forward's group size
+    halves = [(nh // 2, 0), (nh - nh // 2, G // 2)] if shift and nh >= 2 else [(nh, 0)]  # (heads, front)
+    for j, (heads, front) in enumerate(halves):
+        n = math.ceil((front + T) / G)  # groups, the last one padded at the back
+        grouped = B * heads * n * G * hs * a  # one (B, h, n, G, hs) tensor
+        S[f"{h}.attn.s2_{j}.q_k_v"] = 3 * grouped  # q·√scale, k·√scale, padded v
+        S[f"{h}.attn.s2_{j}.softmax"] = B * heads * n * G * G * a  # (B, h, n, G, G)
 
 
 def _prompt_attention(S, c, B, T, i, h, plan, g, a) -> bool:
@@ -452,6 +491,7 @@ def estimate(method: str, c: GPTConfig, B: int, T: int, config=None, *, checkpoi
     weight_bytes: of every floating tensor of the model (4 fp32, 2 bf16); act_bytes: of activations
     (default weight_bytes). checkpoint: per-block activation checkpointing (see checkpointing())."""
     plan, wb = plan_for(method, c, config), weight_bytes
+    c = dataclasses.replace(c, block_size=plan.context_factor * c.block_size)  # the model the method leaves
     a = wb if act_bytes is None else act_bytes
     params, shapes = gpt2_parameters(c), linear_shapes(c)
     dense = sum(params.values()) - sum(math.prod(shapes[n]) for n in plan.quantized)  # stored in low bits instead

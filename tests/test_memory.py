@@ -112,6 +112,11 @@ LATER = [  # options of methods minilora/__init__.py may not import yet: tested 
     ("loftq", dict(quant_type="nf2", double_quant=True)),
     ("lora_fa", dict(targets="all-linear", r=4)),
     ("pissa", dict(targets=["attn.c_proj"])),
+    ("longlora", dict(shift=False)),  # S²-Attn at T = 20: G = 5 (and 6 below, the shifted half padded to 24)
+    ("longlora", dict(group_size_ratio=0.3, targets=["c_attn"])),  # c_proj frozen: nothing keeps its input
+    ("longlora", dict(s2_attn=False, context_factor=3)),  # full attention: SDPA's fused kernel, as LoRA's
+    ("longlora", dict(train_embed_norm=False, context_factor=1)),  # plain LoRA's trainables, S²-Attn
+    ("longlora", dict(group_size_ratio=1.0)),  # one group: ordinary causal attention
 ]
 
 
@@ -145,6 +150,37 @@ def test_lora_fa_keeps_less_than_lora_and_lora_plus_equals_lora():
     assert lora.activations - fa.activations == cfg.n_layer * 6 * B_T_C
     assert fa.grads < lora.grads and fa.weights == lora.weights
     assert estimate("lora_plus", cfg, 4, 32, config) == lora
+
+
+def test_longlora_s2_attn_term_is_the_grouped_math_path():
+    """S²-Attn (longlora.py::_grouped_causal) runs SDPA's math path on (B, h, n, G, hs) groups: per half of the
+    heads it keeps q·√scale, k·√scale, the padded v (B, h, n·G, hs) and the softmax (B, h, n, G, G), no log-sum-exp
+    and no c_attn output; c_proj's LoRA keeps the attention output instead. T = 30 > G = 8 with G/2 = 4 front
+    positions: 4 groups for heads 0, 1 and 5 for heads 2, 3 (the last padded)."""
+    if "longlora" not in METHODS:
+        pytest.skip("longlora is not registered")
+    cfg, (B, T), Config = CFGS["3x64"], (3, 30), METHODS["longlora"].config_cls
+    s2, full = (estimate("longlora", cfg, B, T, Config(s2_attn=on)) for on in (True, False))
+    hs, G, a = 16, 8, 4
+    grouped = sum(B * 2 * n * G * (3 * hs + G) * a for n in (4, 5))  # q, k, v and softmax of both halves
+    sdpa = 3 * B * T * 64 * a + B * 4 * T * 4  # full attention: c_attn's (B, T, 3C) output, the log-sum-exp
+    assert s2.activations - full.activations == cfg.n_layer * (grouped - sdpa)
+    assert s2.detail["transformer.h.0.attn.s2_1.softmax"] == B * 2 * 5 * G * G * a
+
+
+def test_longlora_odd_heads_long_sequences_and_bf16():
+    """Odd head counts (1 + 2 heads), T beyond the base block_size (context_factor 2), G = 1; in bf16 the S²-Attn
+    tensors stay fp32 (the math path upcasts), within the LayerNorm statistics' bf16 difference."""
+    if "longlora" not in METHODS:
+        pytest.skip("longlora is not registered")
+    cfg, Config = GPTConfig(n_layer=2, n_head=3, n_embd=48, vocab_size=50, block_size=32), METHODS["longlora"].config_cls
+    for B, T, config in [(2, 7, Config()), (1, 40, Config()), (2, 13, Config(group_size_ratio=0.05))]:
+        for ckpt in (False, True):
+            got = measure(model_for(cfg, config), B, T, checkpoint=ckpt)
+            assert estimate("longlora", cfg, B, T, config, checkpoint=ckpt).as_dict() == got.as_dict(), (T, ckpt)
+    got = measure(model_for(cfg, Config()).to(torch.bfloat16), 2, 24)
+    est = estimate("longlora", cfg, 2, 24, weight_bytes=2)
+    assert est.weights == got.weights and abs(est.activations - got.activations) <= 0.01 * got.activations
 
 
 def test_gpt2_parameters_match_the_model():
