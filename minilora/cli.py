@@ -54,9 +54,10 @@ def finetune(method: str, config=None, task_name=DEFAULT_TASK, model_dir=None, t
     spec = METHODS[method]
     model = load_base(model_dir)
     n_base = model.num_params()  # before attach: a quantized base keeps its weights as buffers, not parameters
+    train_cfg = train_cfg or TrainConfig(lr=spec.lr)
+    torch.manual_seed(train_cfg.seed)  # the method's random init (LoRA's A, ...) is part of the run: seed it too
     attach(model, config if config is not None else spec.config_cls())
     task = load_task(task_name)
-    train_cfg = train_cfg or TrainConfig(lr=spec.lr)
     record = train(model, task, train_cfg)
     # trainable share of the base model's parameters, the same denominator for every method
     record.update(total_params=n_base, trainable_pct=100.0 * record["trainable_params"] / n_base)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from minilora import METHODS
 from minilora.cli import main, parse_opts
@@ -93,3 +94,12 @@ def test_pretrain_is_bit_for_bit_deterministic(tmp_path):
         main(["pretrain", "--steps", "2", "--batch-size", "16", "--no-progress", "--out", str(tmp_path / out)])
     a, b = (tmp_path / "a" / "model.safetensors").read_bytes(), (tmp_path / "b" / "model.safetensors").read_bytes()
     assert a == b
+
+
+def test_finetune_is_reproducible_including_the_methods_random_init():
+    from minilora.cli import finetune
+    from minilora.train import TrainConfig
+    runs = [finetune("lora", train_cfg=TrainConfig(steps=2, eval_every=2, eval_examples=8, lr=1e-2, progress=False))
+            for _ in range(2)]
+    (m1, r1), (m2, r2) = runs
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
