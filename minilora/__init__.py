@@ -29,9 +29,10 @@ from .llama_adapter import LlamaAdapterConfig  # noqa: E402
 from .longlora import LongLoRAConfig  # noqa: E402
 from .vera import VeRAConfig  # noqa: E402
 from .tied_lora import TiedLoRAConfig  # noqa: E402
+from .qa_lora import QALoRAConfig  # noqa: E402
 
 __all__ = ["GPT", "GPTConfig", "PRESETS", "METHODS", "MethodConfig", "attach", "mark_trainable",
            "adapter_state_dict", "save_adapter", "load_adapter", "merge", "unmerge", "merge_and_unload", "register", "CheckpointError",
            "BASE_DIR", "quick", "FullConfig", "LoRAConfig", "AdapterConfig", "PfeifferConfig", "PrefixConfig", "PromptConfig", "AdaLoRAConfig", "QLoRAConfig", "DoRAConfig", "QDoRAConfig",
            "LoRAFAConfig", "LoRAPlusConfig", "PiSSAConfig", "OLoRAConfig", "LoftQConfig", "LlamaAdapterConfig",
-           "LongLoRAConfig", "VeRAConfig", "TiedLoRAConfig"]
+           "LongLoRAConfig", "VeRAConfig", "TiedLoRAConfig", "QALoRAConfig"]

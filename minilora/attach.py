@@ -168,7 +168,11 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     config = METHODS[name].config_cls.from_json(raw)
     state = load_safetensors(directory / ADAPTER_WEIGHTS)
     if getattr(model, "minilora_config", None) is None:
-        attach(model, config)
+        try:
+            attach(model, config)
+        except ValueError as e:  # the saved config does not fit this model at all (a group size, a rank, ...)
+            raise CheckpointError(f"adapter in {directory} was made for another model: {e} (saved for base shapes "
+                                  f"{raw.get('base_shapes')}, this model is {_shape_fingerprint(model)})") from e
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
