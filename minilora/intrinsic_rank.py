@@ -105,10 +105,13 @@ def lora_A(model, layer: int, matrix: str, adapter: str = "default") -> torch.Te
     attn = model.transformer.h[layer].attn
     if matrix == "o":
         return attn.c_proj.lora_A[adapter].weight.detach()
-    m = attn.c_attn
-    parts = m.parts[adapter] or [0, 1, 2]
+    m, p = attn.c_attn, "qkv".index(matrix)
+    parts = m.parts[adapter]
+    if parts is None or p not in parts:
+        raise ValueError(f"layer {layer}'s c_attn has no A of its own for W_{matrix} (fused_qkv={parts and ['qkv'[i] for i in parts]}):"
+                         f" attach LoRA with fused_qkv listing {matrix!r}, e.g. lora_config({matrix!r}, r)")
     A = m.lora_A[adapter].weight.detach()  # (g·r, C): the g pairs' A stacked, in the order of parts
-    return A.chunk(len(parts))[parts.index("qkv".index(matrix))]  # (r, C)
+    return A.chunk(len(parts))[parts.index(p)]  # (r, C)
 
 
 # ------------------------------------------------------------------------ amplification

@@ -144,6 +144,15 @@ def test_lora_A_picks_the_projection():
     assert torch.equal(lora_A(model, 1, "o"), model.transformer.h[1].attn.c_proj.lora_A["default"].weight)
 
 
+def test_lora_A_refuses_a_projection_without_its_own_A():
+    """A plain c_attn LoRA has one A for q, k and v together; a qv one has none for k."""
+    from minilora import LoRAConfig
+    with pytest.raises(ValueError, match="no A of its own"):
+        lora_A(attach(tiny(), LoRAConfig(r=3)), 0, "q")
+    with pytest.raises(ValueError, match="no A of its own"):
+        lora_A(attach(tiny(), lora_config("qv", r=3)), 0, "k")
+
+
 # ------------------------------------------------------------------------ LoRA at equal budget
 @pytest.mark.parametrize("matrices,r", [("q", 8), ("k", 8), ("v", 8), ("o", 8), ("qk", 4), ("qv", 4), ("qkvo", 2)])
 def test_lora_configs_at_equal_budget(matrices, r):
