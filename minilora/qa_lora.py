@@ -35,7 +35,6 @@ import torch.nn as nn
 
 from . import lora
 from .attach import find_targets, register, replace_module
-from .checkpoint import CheckpointError
 from .lora import LoRAConfig, LoRALinear
 
 BITS = (2, 3, 4)  # INT-N widths the paper fine-tunes (INT4, and "generalized to INT3 and INT2", Fig. 2)
@@ -63,12 +62,6 @@ class QALoRAConfig(LoRAConfig):
 
     def to_json(self) -> dict:  # minilora's keys only: PEFT would take A (r, d_in/g) for a plain LoRA's A
         return {k: v for k, v in super().to_json().items() if k.startswith("minilora_")}
-
-    @classmethod
-    def from_json(cls, raw: dict) -> "QALoRAConfig":
-        config = super().from_json(raw)
-        config.saved_for = raw.get("base_shapes")  # read by apply(): a g that fits no layer means another model
-        return config
 
 
 def check_quant(bits, group_size, d_in: int | None = None, where: str = "") -> None:
@@ -207,13 +200,8 @@ class QALoRALinear(LoRALinear):
           description="QA-LoRA: LoRA on group-summed inputs over an INT-N group-quantized base; merges into the zeros")
 def apply(model, config: QALoRAConfig) -> None:
     names = find_targets(model, config.targets, config.layers) if config.targets else []
-    try:  # every layer checked before any changes
-        for name in names:
-            check_quant(config.bits, config.group_size, model.get_submodule(name).in_features, f" of {name}")
-    except ValueError as e:
-        if not hasattr(config, "saved_for"):
-            raise
-        raise CheckpointError(f"this adapter was made for another model (base shapes {config.saved_for}): {e}") from e
+    for name in names:  # every layer checked before any changes (load_adapter reports a misfit as another model)
+        check_quant(config.bits, config.group_size, model.get_submodule(name).in_features, f" of {name}")
     for name in names:
         linear = model.get_submodule(name)  # W0 (d_out, d_in): quantized, then dropped
         base = LinearIntN(linear.weight, linear.bias, config.bits, config.group_size)
