@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import lora
-from .attach import method_of, register, replace_module
+from .attach import register, replace_module
 from .lora import LoRAConfig
 
 
@@ -79,9 +79,8 @@ class LongLoRAConfig(LoRAConfig):
                   {"params": others, "lr": lr * self.embed_norm_lr_ratio, "weight_decay": 0.0}]
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95))
 
-    def to_json(self) -> dict:  # not a PEFT LoRA file: it also holds embeddings and norms
-        ours = {k: v for k, v in dataclasses.asdict(self).items() if k != "adapter_name"}
-        return {"minilora_method": method_of(self), "minilora_config": ours}
+    def to_json(self) -> dict:  # LoRA's minilora keys only, no PEFT ones: the file also holds embeddings and norms
+        return {k: v for k, v in super().to_json().items() if k.startswith("minilora_")}
 
 
 # ------------------------------------------------------------------------ position interpolation
