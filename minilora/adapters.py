@@ -79,8 +79,9 @@ class Adapter(nn.Module):
         if nonlinearity not in ("gelu", "relu"):
             raise ValueError(f"nonlinearity {nonlinearity!r} is not supported; choose 'gelu' or 'relu'")
         self.base = base  # the original sublayer, frozen
-        self.adapter_down = nn.Linear(n_embd, bottleneck)  # W_down (m, C)
-        self.adapter_up = nn.Linear(bottleneck, n_embd)  # W_up (C, m)
+        w = base.c_proj.weight  # the sublayer's output projection: the adapter lives where it does, in its dtype
+        self.adapter_down = nn.Linear(n_embd, bottleneck, device=w.device, dtype=w.dtype)  # W_down (m, C)
+        self.adapter_up = nn.Linear(bottleneck, n_embd, device=w.device, dtype=w.dtype)  # W_up (C, m)
         self.nonlinearity = nonlinearity
         self.parallel = parallel
         nn.init.trunc_normal_(self.adapter_down.weight, std=init_std, a=-2 * init_std, b=2 * init_std)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -115,10 +116,23 @@ def attach(model: nn.Module, config: MethodConfig) -> nn.Module:
         raise ValueError(f"this model already has {method_of(model.minilora_config)!r} attached; "
                          f"attach to a fresh model (methods are not stacked)")
     method = METHODS[method_of(config)]
-    method.apply(model, config)
+    with modules_take_the_mode(model):
+        method.apply(model, config)
     model.minilora_config = config  # remembered for mark_trainable / save_adapter
     mark_trainable(model)
     return model
+
+
+@contextmanager
+def modules_take_the_mode(model: nn.Module):
+    """Modules added inside the block take the model's train/eval mode: a new nn.Module starts in training mode,
+    and left so on a model in eval mode it would keep dropout (and LongLoRA's S²-Attn) on at inference."""
+    old = list(model.modules())  # held, so that no replaced module's id() is reused by a new one
+    yield model
+    ids = {id(m) for m in old}
+    for m in model.modules():
+        if id(m) not in ids:
+            m.training = model.training  # this module only: the old modules inside it keep theirs
 
 
 def mark_trainable(model: nn.Module) -> list[str]:

@@ -20,6 +20,7 @@ QDoRA, the same DoRALinear over QLoRA's frozen NF4 layer (qlora.Linear4bit), is 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -105,7 +106,8 @@ class DoRALinear(LoRALinear):
         so the largest new tensor is (d_out, r), not (d_out, d_in); ‖w_i‖² is cached (w0_sq)."""
         B, A = self.factors(name)  # B (d_out, r), A (r, d_in)
         s, W0 = self.scaling[name], self.base_layer.weight
-        with torch.autocast(W0.device.type, enabled=False):  # in the weights' precision, even under bf16 autocast
+        kind = W0.device.type  # in the weights' precision, even under bf16 autocast (meta has no autocast)
+        with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext():
             WA = W0 @ A.T  # (d_out, d_in) @ (d_in, r) -> (d_out, r): row i is (A w_iᵀ)ᵀ
             AA = A @ A.T  # (r, d_in) @ (d_in, r) -> (r, r)
             cross = (B * WA).sum(1)  # (d_out, r) -> (d_out,): ⟨w_i, B_i A⟩

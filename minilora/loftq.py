@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from . import lora
 from .attach import find_targets, register, replace_module
 from .kernels import use_triton
-from .nf4 import (CODES, DYNAMIC_CODE, NF4_CODE, NF4Weight, _check_weight, dequantize_nf4, nearest_code,
+from .nf4 import (CODES, DYNAMIC_CODE, NF4_CODE, NF4Weight, _check_weight, absmax_mean, dequantize_nf4, nearest_code,
                   pack_nibbles, quantize_absmax_8bit, quantize_blockwise)
 from .qlora import _TENSORS, DTYPES, Linear4bit, QLoRAConfig, QLoRALinear
 
@@ -88,7 +88,7 @@ def quantize(weight: torch.Tensor, quant_type: str = "nf4", block_size: int = 64
     q = LoftQWeight(pack_nibbles(index), absmax, None, None, tuple(weight.shape), weight.dtype, block_size,
                     block_size2, quant_type)
     if double_quant:  # QLoRA's second level, as nf4.quantize_4bit
-        q.absmax_offset = absmax.cpu().mean().to(absmax.device)
+        q.absmax_offset = absmax_mean(absmax)
         q.absmax, q.absmax_scale = quantize_absmax_8bit(absmax - q.absmax_offset, DYNAMIC_CODE, block_size2)
     return q
 
@@ -113,8 +113,9 @@ def loftq_init(weight: torch.Tensor, r: int, quant_type: str = "nf4", num_iter: 
         raise ValueError(f"num_iter {num_iter} and r {r} for a ({d_out}, {d_in}) weight: num_iter must be ≥ 0 "
                          f"and r between 1 and {min(d_out, d_in)} (the rank of the residual can be no larger)")
     W = weight.detach().float()
+    norm = lambda t: float("nan") if t.is_meta else torch.linalg.norm(t).item()  # noqa: E731 (meta: shapes only)
     q = quantize(W, quant_type, block_size, double_quant)  # Q_1 = q_N(W − 0)
-    errors = [torch.linalg.norm(W - q.dequantize(torch.float32)).item()]
+    errors = [norm(W - q.dequantize(torch.float32))]
     B = A = None
     for t in range(1, num_iter + 1):
         if t > 1:
@@ -123,7 +124,7 @@ def loftq_init(weight: torch.Tensor, r: int, quant_type: str = "nf4", num_iter: 
         U, S, Vh = torch.linalg.svd(residual, full_matrices=False)  # U (d_out, k), S (k,), Vh (k, d_in)
         B = U[:, :r] * S[:r].sqrt()  # (d_out, r): U_r √Σ_r
         A = S[:r].sqrt()[:, None] * Vh[:r]  # (r, d_in): √Σ_r V_rᵀ
-        errors.append(torch.linalg.norm(residual - B @ A).item())  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
+        errors.append(norm(residual - B @ A))  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
     return q, B, A, errors
 
 

@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attach import MethodConfig, attach, find_targets, mark_trainable, method_of, register, replace_module
+from .attach import (MethodConfig, attach, find_targets, mark_trainable, method_of, modules_take_the_mode, register,
+                     replace_module)
 from .checkpoint import CheckpointError
 
 _QKV = ("q", "k", "v")  # the three thirds of GPT-2's fused c_attn output, in order
@@ -350,7 +351,8 @@ def add_adapter(model, name: str, config: LoRAConfig):
     if not isinstance(model.minilora_config, LoRAConfig):
         raise ValueError(f"this model has {method_of(model.minilora_config)!r} attached, not LoRA")
     _check(model, "add an adapter")
-    _add(model, name, config)
+    with modules_take_the_mode(model):
+        _add(model, name, config)
     _set(model, active=model.minilora_config.adapter_name)  # new layers learn which adapter runs
     mark_trainable(model)
     return model

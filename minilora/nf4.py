@@ -237,12 +237,19 @@ def _check_weight(weight: torch.Tensor, block_size: int, block_size2: int, quant
                          "(64 and 256 are the paper's)")
     if quant_type not in CODES:
         raise ValueError(f"quant_type {quant_type!r} is unknown; pick one of {sorted(CODES)}")
-    bad = ~torch.isfinite(weight)
-    if bad.any():
+    bad = None if weight.is_meta else ~torch.isfinite(weight)  # a meta weight has a shape, no values to check
+    if bad is not None and bad.any():
         flat = int(bad.reshape(-1).nonzero()[0, 0])
         where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), weight.shape))
         kind = "NaN" if weight.reshape(-1)[flat].isnan() else "Inf"
         raise ValueError(f"weight has {kind} at index {where}; fix the weight before quantizing")
+
+
+def absmax_mean(absmax: torch.Tensor) -> torch.Tensor:
+    """Double quant's offset, the mean of the absmax c2. Summed on the CPU so that a CUDA weight gets the same bits
+    as a CPU one (the reduction order differs by device); every other step is exact or IEEE. A meta tensor (a model
+    built for its shapes) stays on meta."""
+    return absmax.mean() if absmax.is_meta else absmax.cpu().mean().to(absmax.device)
 
 
 def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", block_size: int = 64,
@@ -256,9 +263,7 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", block_size: int
                   shape=tuple(weight.shape), dtype=weight.dtype, block_size=block_size,
                   block_size2=block_size2, quant_type=quant_type)
     if double_quant:
-        # paper: subtract the mean (all absmax values are positive). Summed on CPU so that a CUDA weight gets
-        # the same bits as a CPU one (reduction order differs by device); every other step is exact or IEEE.
-        offset = absmax.cpu().mean().to(absmax.device)
+        offset = absmax_mean(absmax)  # paper: subtract the mean (all absmax values are positive)
         q.absmax, q.absmax_scale = quantize_absmax_8bit(absmax - offset, DYNAMIC_CODE, block_size2)
         q.absmax_offset = offset
     return q

@@ -54,17 +54,19 @@ class PrefixEncoder(nn.Module):
     """Produces every layer's prefix keys and values, (L, 2, nh, P, hs). One instance is shared by
     the L PrefixAttention modules (PyTorch lists its parameters once, under layer 0's name)."""
 
-    def __init__(self, n_layer, n_head, n_embd, num_virtual_tokens, reparameterize=True, hidden=512):
+    def __init__(self, n_layer, n_head, n_embd, num_virtual_tokens, reparameterize=True, hidden=512,
+                 device=None, dtype=None):
         super().__init__()
+        at = dict(device=device, dtype=dtype)  # the model's weights' device and dtype
         self.n_layer, self.n_head, self.n_embd = n_layer, n_head, n_embd
         self.num_virtual_tokens = num_virtual_tokens
         P, L, C = num_virtual_tokens, n_layer, n_embd
         if reparameterize:
-            self.prefix_tokens = nn.Parameter(torch.randn(P, C))  # P' (P, C)
-            self.prefix_mlp = nn.Sequential(nn.Linear(C, hidden), nn.Tanh(), nn.Linear(hidden, L * 2 * C))
+            self.prefix_tokens = nn.Parameter(torch.randn(P, C, **at))  # P' (P, C)
+            self.prefix_mlp = nn.Sequential(nn.Linear(C, hidden, **at), nn.Tanh(), nn.Linear(hidden, L * 2 * C, **at))
             self.register_parameter("prefix", None)
         else:
-            self.prefix = nn.Parameter(torch.randn(P, L * 2 * C))  # P_θ (P, L·2·C)
+            self.prefix = nn.Parameter(torch.randn(P, L * 2 * C, **at))  # P_θ (P, L·2·C)
             self.prefix_tokens, self.prefix_mlp = None, None
 
     def forward(self):
@@ -139,11 +141,11 @@ def apply(model, config: PrefixConfig) -> None:
     if config.init not in ("random", "vocab"):
         raise ValueError(f"init {config.init!r} is not supported; choose 'random' or 'vocab'")
     c = model.config
-    device = model.transformer.wte.weight.device
+    w = model.transformer.wte.weight
     if config.init == "vocab":  # drawn first, so a seed fixes the tokens whatever the sizes
-        ids = torch.randint(c.vocab_size, (config.num_virtual_tokens,)).to(device)
+        ids = torch.randint(c.vocab_size, (config.num_virtual_tokens,)).to(w.device)
     encoder = PrefixEncoder(c.n_layer, c.n_head, c.n_embd, config.num_virtual_tokens,
-                            config.reparameterize, config.hidden).to(device)
+                            config.reparameterize, config.hidden, device=w.device, dtype=w.dtype)
     if config.init == "vocab":
         with torch.no_grad():
             if config.reparameterize:

@@ -58,12 +58,13 @@ class PromptConfig(MethodConfig):
 class PromptEncoder(nn.Module):
     """P-tuning's encoder: E (P, C) -> θ_P (P, C), through an MLP, or a biLSTM and then the MLP."""
 
-    def __init__(self, n_embd: int, hidden: int, kind: str):
+    def __init__(self, n_embd: int, hidden: int, kind: str, device=None, dtype=None):
         super().__init__()
-        self.lstm = (nn.LSTM(n_embd, hidden, bidirectional=True, batch_first=True)
+        at = dict(device=device, dtype=dtype)  # the embedding's device and dtype
+        self.lstm = (nn.LSTM(n_embd, hidden, bidirectional=True, batch_first=True, **at)
                      if kind == "lstm" else None)
         d_in = 2 * hidden if kind == "lstm" else n_embd  # the biLSTM concatenates both directions
-        self.mlp = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, n_embd))
+        self.mlp = nn.Sequential(nn.Linear(d_in, hidden, **at), nn.ReLU(), nn.Linear(hidden, n_embd, **at))
 
     def forward(self, e):  # e (P, C)
         if self.lstm is not None:
@@ -78,7 +79,8 @@ class PromptEmbedding(nn.Module):
         super().__init__()
         self.base = base  # the original wte (V, C), frozen; lm_head's weight is its weight
         self.block_size = block_size
-        self.prompt_embeddings = nn.Parameter(torch.zeros(num_virtual_tokens, base.embedding_dim))  # (P, C)
+        w = base.weight  # created where the embedding table is, in its dtype
+        self.prompt_embeddings = nn.Parameter(w.new_zeros(num_virtual_tokens, base.embedding_dim))  # (P, C)
         self.prompt_encoder = encoder
 
     def prompt(self):
@@ -170,8 +172,9 @@ def apply(model, config: PromptConfig) -> None:
     wte = model.transformer.wte
     encoder = None
     if config.encoder is not None:
-        encoder = PromptEncoder(c.n_embd, config.encoder_hidden or c.n_embd, config.encoder)
-    emb = PromptEmbedding(wte, P, c.block_size, encoder).to(wte.weight.device)
+        encoder = PromptEncoder(c.n_embd, config.encoder_hidden or c.n_embd, config.encoder,
+                                device=wte.weight.device, dtype=wte.weight.dtype)
+    emb = PromptEmbedding(wte, P, c.block_size, encoder)
     with torch.no_grad():
         if config.init == "random":
             emb.prompt_embeddings.uniform_(-0.5, 0.5)

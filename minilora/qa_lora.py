@@ -78,7 +78,7 @@ def check_quant(bits, group_size, d_in: int | None = None, where: str = "") -> N
 def quantize_groupwise(W: torch.Tensor, bits: int = 4, group_size: int = 32):
     """W (d_out, d_in) -> codes Ŵ uint8 (d_out, d_in), α fp32 (d_out, d_in/g), β fp32 (d_out, d_in/g).
     Round to nearest, so |W − (α·Ŵ + β)| ≤ α/2 for every weight (plus float rounding)."""
-    if W.dim() != 2 or not W.is_floating_point() or not torch.isfinite(W).all():
+    if W.dim() != 2 or not W.is_floating_point() or (not W.is_meta and not torch.isfinite(W).all()):
         raise ValueError(f"quantize_groupwise needs a finite float (d_out, d_in) weight, got {W.dtype} "
                          f"{tuple(W.shape)}; fix NaN/Inf before quantizing")
     d_out, d_in = W.shape
@@ -118,11 +118,13 @@ class _DequantMatmul(torch.autograd.Function):
 class LinearIntN(nn.Module):
     """A frozen nn.Linear stored as INT-N codes with α, β per (row, group of g columns). Buffers, so .to() moves
     them and state_dict saves them; codes are one per uint8 here (a deployment kernel packs 8/N per byte)."""
+    fp32_constants = ("scales", "zeros")  # α, β: fp32 whatever the model's dtype (merge() adds into β)
 
     def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None = None, bits: int = 4, group_size: int = 32):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.bits, self.group_size = bits, group_size
+        self.dtype = weight.dtype  # of the weight it replaces: what `weight` returns and the adapter is made in
         q, alpha, beta = quantize_groupwise(weight, bits, group_size)
         self.register_buffer("qweight", q)  # Ŵ uint8 (d_out, d_in)
         self.register_buffer("scales", alpha)  # α fp32 (d_out, d_in/g)
@@ -131,8 +133,8 @@ class LinearIntN(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """A dequantized copy (d_out, d_in), for reading; the layer keeps N-bit codes."""
-        return dequantize_groupwise(self.qweight, self.scales, self.zeros)
+        """A dequantized copy (d_out, d_in) in the replaced weight's dtype, for reading; the layer keeps N-bit codes."""
+        return dequantize_groupwise(self.qweight, self.scales, self.zeros).to(self.dtype)
 
     def forward(self, x):
         y = _DequantMatmul.apply(x, self.qweight, self.scales, self.zeros)
@@ -154,8 +156,9 @@ class QALoRALinear(LoRALinear):
 
     def add(self, name, r, alpha, use_rslora=False, dropout=0.0, parts=None):
         super().add(name, r, alpha, use_rslora, dropout, parts)  # B = 0, scaling, dropout, fused parts: LoRA's
-        rows, w = self.lora_A[name].out_features, self.base_layer.scales
-        self.lora_A[name] = nn.Linear(w.size(1), rows, bias=False, device=w.device, dtype=w.dtype)  # (r, d_in/g)
+        rows, base = self.lora_A[name].out_features, self.base_layer
+        self.lora_A[name] = nn.Linear(base.scales.size(1), rows, bias=False, device=base.scales.device,
+                                      dtype=base.dtype)  # (r, d_in/g), in the replaced weight's dtype as B
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
 
     def pooled(self, x):

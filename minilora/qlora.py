@@ -105,6 +105,8 @@ class _DequantLinear(torch.autograd.Function):
 class Linear4bit(nn.Module):
     """A frozen nn.Linear stored as NF4 (bitsandbytes' format, bit for bit). Its NF4Weight's tensors are
     buffers, so .to(device) moves them and state_dict holds them; the weight has no gradient."""
+    fp32_constants = ("absmax", "absmax_scale", "absmax_offset")  # c2 (fp32 without double quant), c1, offset:
+    # fp32 whatever the model's dtype, as bitsandbytes keeps them (a bf16 c1 would move every weight)
 
     def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None = None, block_size: int = 64,
                  double_quant: bool = True, compute_dtype: str = "auto"):

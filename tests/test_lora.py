@@ -478,3 +478,12 @@ def test_add_adapter_refuses_configs_that_initialize_at_attach():
     for config in (LoRAFAConfig(), PiSSAConfig()):
         with pytest.raises(ValueError, match="fresh model"):
             lora.add_adapter(model, "other", config)
+
+
+def test_add_adapter_on_a_model_in_eval_mode_adds_eval_modules():
+    """The new adapter's dropout takes the model's mode (attach.modules_take_the_mode), so it is off at inference."""
+    from minilora.lora import add_adapter
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=32, block_size=16))
+    attach(model, LoRAConfig(r=2, targets=["c_attn"])).eval()
+    add_adapter(model, "other", LoRAConfig(r=2, targets=["c_attn", "c_fc"], dropout=0.5))
+    assert not any(m.training for m in model.modules())

@@ -142,3 +142,72 @@ def test_generate_runs(method):
     _, model = make(method)
     out = model.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0)
     assert out.shape == (1, 7)
+
+
+# ------------------------------------------------------------------------ device, dtype and mode at attach
+def _added(model, before):
+    """(name, tensor, owning module) of every parameter and buffer that attach created."""
+    for mod_name, mod in model.named_modules():
+        for kind in ("_parameters", "_buffers"):
+            for k, t in getattr(mod, kind).items():
+                if t is not None and id(t) not in before:
+                    yield f"{mod_name}.{k}", t, mod, k
+
+
+def _attach_to(method, *, device=None, dtype=None):
+    torch.manual_seed(0)
+    with torch.device(device or "cpu"):
+        model = GPT(CFG)
+    if dtype is not None:
+        model.to(dtype)
+    old = [*model.parameters(), *model.buffers()]  # held, so that no new tensor can reuse a freed one's id()
+    torch.manual_seed(1)
+    attach(model, METHODS[method].config_cls())
+    return model, list(_added(model, {id(t) for t in old}))
+
+
+@pytest.mark.parametrize("method", NAMES)
+def test_attach_on_the_meta_device_creates_everything_on_meta(method):
+    """A model built on `meta` (shapes, no memory: how a large model is laid out before its weights load) gets
+    every tensor a method adds on meta too, so `to_empty` + load_state_dict can place them all at once."""
+    model, added = _attach_to(method, device="meta")
+    assert added or method == "full", f"{method} added nothing"  # full fine-tuning adds no tensor
+    wrong = [f"{n} on {t.device}" for n, t, *_ in added if not t.is_meta]
+    assert not wrong, f"{method}: {wrong[:4]}"
+
+
+@pytest.mark.parametrize("method", NAMES)
+def test_attach_to_a_bf16_model_creates_bf16_tensors_and_trains(method):
+    """Every floating tensor a method adds is in the dtype of the weights it adapts (bf16 here), except the
+    quantization constants its module documents as fp32 (`fp32_constants`); one forward and backward in bf16 run."""
+    model, added = _attach_to(method, dtype=torch.bfloat16)
+    wrong = [f"{n}: {t.dtype}" for n, t, mod, k in added
+             if t.is_floating_point() and t.dtype != torch.bfloat16 and k not in getattr(mod, "fp32_constants", ())]
+    assert not wrong, f"{method}: {wrong[:4]}"
+    assert all(t.dtype in (torch.float32, torch.uint8) for n, t, mod, k in added  # uint8: c2 with double quant
+               if k in getattr(mod, "fp32_constants", ()))
+    model.train()
+    x, y = batch(3)
+    logits, loss = model(x, y)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.bfloat16 for g in grads)
+
+
+@pytest.mark.parametrize("method", NAMES)
+def test_attach_and_load_adapter_keep_the_model_in_eval_mode(method, tmp_path):
+    """New modules take the model's mode: on a model in eval mode, dropout (and LongLoRA's S²-Attn) stay off, so
+    the logits right after attach or load equal those after calling model.eval() again."""
+    _, model = make(method)  # the base was put in eval mode before attach
+    assert not any(m.training for m in model.modules()), f"{method}: modules left in training mode"
+    save_adapter(model, tmp_path)
+    fresh = GPT(CFG).eval()
+    load_adapter(fresh, tmp_path)
+    assert not any(m.training for m in fresh.modules())
+    x, _ = batch(4)
+    first = fresh(x)[0]
+    assert torch.equal(first, fresh.eval()(x)[0])
+    trained = GPT(CFG).train()
+    attach(trained, METHODS[method].config_cls())
+    assert all(m.training for m in trained.modules())
