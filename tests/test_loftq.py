@@ -326,6 +326,7 @@ def test_dequantized_base_is_Q_T_and_nf4_maps_it_to_itself():
             assert torch.equal(quantize_nf4(Q, double_quant=False).dequantize(), Q)  # re-quantizing Q_T is exact
 
 
+@pytest.mark.usefixtures("bnb_reference_cpu_path")
 def test_peft_runs_our_adapter_on_the_Q_T_base_in_4bit(tmp_path):
     """PEFT's LoftQ flow: save the Q_T base, load it with bitsandbytes NF4 (it maps Q_T to itself), load the adapter."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

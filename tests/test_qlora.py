@@ -334,6 +334,7 @@ def test_lesson_quotes_the_measured_dequant_results():
 
 
 # ------------------------------------------------------------------------ PEFT + bitsandbytes load our adapter
+@pytest.mark.usefixtures("bnb_reference_cpu_path")
 def test_peft_loads_our_adapter_onto_a_bitsandbytes_4bit_gpt2(tmp_path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers = pytest.importorskip("transformers", reason="transformers not installed")
