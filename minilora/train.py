@@ -49,7 +49,8 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     config: TrainConfig
     step: int = 0
-    loss: float = float("nan")
+    loss: torch.Tensor | float = float("nan")  # the last step's training loss, a 0-dim tensor on the model's
+    # device: float(state.loss) when a callback needs the number (each such read waits for the GPU)
     history: list = field(default_factory=list)
 
 
@@ -97,16 +98,16 @@ class TaskData:
     @torch.no_grad()
     def evaluate(self, model, split, max_examples, batch_size, device):
         examples = getattr(self.task, split)[:max_examples]
-        loss_sum, n_tokens, n_right = 0.0, 0, 0
+        loss_sum, n_tokens, n_right, sums = 0.0, 0, 0, []
         for i in range(0, len(examples), batch_size):
-            x, y = collate(examples[i:i + batch_size], self.block_size, self.pad_id)
-            x, y = x.to(device), y.to(device)
+            x, y = to_device(collate(examples[i:i + batch_size], self.block_size, self.pad_id), device)
             logits, _ = model(x)  # (B, T, V)
             answer = y != -100  # (B, T)
-            loss_sum += F.cross_entropy(logits.float()[answer], y[answer], reduction="sum").item()
-            n_tokens += int(answer.sum())
             right = (logits.argmax(-1) == y) | ~answer  # (B, T): every answer position right
-            n_right += int(right.all(dim=1).sum())
+            sums.append(torch.stack([F.cross_entropy(logits.float()[answer], y[answer], reduction="sum"),
+                                     answer.sum(), right.all(dim=1).sum()]))  # loss, answer tokens, right rows
+        for loss, n, right in torch.stack(sums).tolist() if sums else []:  # one host sync per evaluation
+            loss_sum, n_tokens, n_right = loss_sum + loss, n_tokens + int(n), n_right + int(right)
         return {"loss": loss_sum / max(1, n_tokens), "accuracy": n_right / max(1, len(examples))}
 
 
@@ -125,9 +126,18 @@ class CorpusData:
         g = torch.Generator().manual_seed(1234)  # the same windows at every evaluation
         losses = []
         for _ in range(max(1, max_examples // batch_size)):
-            x, y = get_batch(tokens, batch_size, self.block_size, g)
-            losses.append(model(x.to(device), y.to(device))[1].item())
+            x, y = to_device(get_batch(tokens, batch_size, self.block_size, g), device)
+            losses.append(model(x, y)[1].float())
+        losses = torch.stack(losses).tolist()  # one host sync per evaluation, not one per batch
         return {"loss": sum(losses) / len(losses)}
+
+
+def to_device(batch, device):
+    """(x, y) on `device`. To a GPU through pinned memory with non_blocking: a copy from ordinary (pageable) host
+    memory would make Python wait for every kernel queued before it, a host sync per batch."""
+    if device.type != "cuda":
+        return tuple(t.to(device) for t in batch)
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
 
 
 # ------------------------------------------------------------------------------ measuring memory
@@ -192,23 +202,24 @@ def train(model, data, cfg: TrainConfig, callbacks=(), optimizer=None):
     for cb in callbacks:
         cb.on_train_start(state)
 
+    # No host sync inside a step: the loss stays a tensor and the clock is read (after a sync) only around the
+    # evaluations, so on a GPU Python queues the next step's kernels while the last ones run.
+    t0 = _clock(device)
     bar = tqdm(range(1, cfg.steps + 1), disable=not cfg.progress, desc="train", leave=False)
     for step in bar:
         state.step = step
-        t0 = time.perf_counter()
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr_factor(step, cfg)
         loss_value = 0.0
         for _ in range(cfg.grad_accum):
-            x, y = data.batch(cfg.batch_size, gen)
-            x, y = x.to(device), y.to(device)
+            x, y = to_device(data.batch(cfg.batch_size, gen), device)
             # on the first step, count the activations autograd keeps for backward
             saving = (torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t) if step == 1
                       else contextlib.nullcontext())
             with saving, torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 _, loss = model(x, y)
             (loss / cfg.grad_accum).backward()
-            loss_value += loss.item() / cfg.grad_accum
+            loss_value += loss.detach().double() / cfg.grad_accum
             tokens += x.numel()
         for cb in callbacks:
             cb.on_before_optimizer_step(state)
@@ -218,17 +229,16 @@ def train(model, data, cfg: TrainConfig, callbacks=(), optimizer=None):
         if step == 1:
             memory = tensor_memory(model, optimizer)  # grads and optimizer state exist now
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t_steps += time.perf_counter() - t0
         state.loss = loss_value
-        bar.set_postfix(loss=f"{loss_value:.3f}")
+        if cfg.progress and (step % 10 == 0 or step == cfg.steps):  # reading the loss waits for the GPU
+            bar.set_postfix(loss=f"{float(loss_value):.3f}")
         for cb in callbacks:
             cb.on_step_end(state)
 
         if step % cfg.eval_every == 0 or step == cfg.steps:
+            t_steps += _clock(device) - t0  # training time: the steps since the last evaluation
             metrics = _evaluate(model, data, "val", cfg, device)
-            state.history.append({"step": step, "train_loss": loss_value, **metrics})
+            state.history.append({"step": step, "train_loss": float(loss_value), **metrics})
             for cb in callbacks:
                 cb.on_eval(state, metrics)
             if best_state is not None and any(p.shape != best_state[n].shape for n, p in model.named_parameters()
@@ -240,6 +250,7 @@ def train(model, data, cfg: TrainConfig, callbacks=(), optimizer=None):
                 if cfg.out_dir and method_config is not None:
                     from .attach import save_adapter
                     save_adapter(model, cfg.out_dir)
+            t0 = _clock(device)
     for cb in callbacks:
         cb.on_train_end(state)
     if cfg.keep_best and best_state is not None:
@@ -269,6 +280,13 @@ def train(model, data, cfg: TrainConfig, callbacks=(), optimizer=None):
     if cfg.progress:
         print(summary(record))
     return record
+
+
+def _clock(device) -> float:
+    """perf_counter once the device has done all queued work (CUDA runs asynchronously to Python)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def summary(record) -> str:

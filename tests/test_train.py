@@ -148,3 +148,32 @@ def test_pretraining_on_a_token_stream():
     r = train(m, CorpusData(tokens, tokens, 16), quiet(steps=30, batch_size=8, lr=3e-3, eval_every=10))
     assert r["history"][-1]["loss"] < r["history"][0]["loss"]
     assert "test" not in r
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the reads of a tensor's value into Python (.item(), int(t), bool(t)): on a GPU each one waits for every
+    queued kernel. (.tolist() and .cpu() are not dispatched as such; this counts the per-value reads.)"""
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_training_step_reads_nothing_back_to_the_host(method):
+    """The loop reads values only around the evaluations: 8 steps read exactly as often as 4 (same evaluations), so
+    a step queues its kernels without waiting for the GPU. SGD: AdamW reads its CPU step counter, which is no sync."""
+    from minilora import METHODS
+    counts = []
+    for steps in (4, 8):
+        torch.manual_seed(0)
+        m = attach(GPT(CFG), METHODS[method].config_cls())
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        with _HostReads() as reads:
+            train(m, toy_task(64), quiet(steps=steps, eval_every=steps // 2, batch_size=4, eval_examples=8),
+                  optimizer=opt)
+        counts.append(reads.reads)
+    assert counts[0] == counts[1], counts
