@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import METHODS, attach, save_adapter
+from .bench.gpu import summary_markdown
 from .checkpoint import CheckpointError, atomic_write_text
 from .data import TASKS, corpus_tokens, load_task
 from .gpt import GPT, PRESETS
@@ -133,6 +134,8 @@ def results_markdown(results_dir=RESULTS_DIR) -> str:
                   "`SavedTensorMeter`); % is of the base's 1,334,016 parameters. The base model scores 0.0 % "
                   "(notebook 00).", "",
                   "![accuracy vs trainable parameters](data/results/compare.png)", ""]
+    for path in sorted(Path(results_dir).glob("gpu_*.json")):  # python -m minilora.bench.gpu's summaries
+        parts += [summary_markdown(json.loads(path.read_text()), path.name), ""]
     for path in sorted(Path(results_dir).glob("bench_*.json")):
         bench = json.loads(path.read_text())
         parts += [f"### `{path.stem}` on {bench['device']} (torch {bench['versions']['torch']})", "",
