@@ -21,10 +21,27 @@ The pipeline for CUDA parameters, two GPU buffers per state, chunk i in buffer s
 stream, so a slot is refilled only after its last chunk was written back. The CPU tensors are pinned, so
 both copies are asynchronous DMA; at the end of step() the host waits for the last write-back, so the
 state on the CPU is complete whenever Python can look at it (state_dict, checkpoints).
+
+`pages(p)` says which parameters take this path. tests/test_paged_adamw.py makes it true for CPU parameters and
+replaces torch.cuda's streams and events with stand-ins (tests/cuda_standins.py) that run the pipeline on the CPU
+and check the ordering above, so CI without a GPU executes it too.
 """
 from __future__ import annotations
 
 import torch
+
+
+def pages(p: torch.Tensor) -> bool:
+    """Whether step() pages p's moments through p's device: CUDA parameters. A CPU parameter's moments are already
+    where it is, so they update in place."""
+    return p.is_cuda
+
+
+def on_host(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """t in CPU memory, as p's moments: pinned when step() pages them, the only host memory a GPU copies to and
+    from asynchronously."""
+    t = t.to("cpu")
+    return t.pin_memory() if pages(p) else t
 
 
 def adamw_update(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
@@ -40,7 +57,7 @@ def adamw_update(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
 
 
 class PagedAdamW(torch.optim.Optimizer):
-    """AdamW whose exp_avg / exp_avg_sq sit in CPU memory (pinned when CUDA is available) and are paged onto
+    """AdamW whose exp_avg / exp_avg_sq sit in CPU memory (pinned for CUDA parameters) and are paged onto
     the parameter's GPU in chunks of `chunk_size` elements per step, overlapped on a side CUDA stream.
     GPU memory for optimizer state: 4 buffers of chunk_size elements during step(), none between steps."""
 
@@ -54,10 +71,9 @@ class PagedAdamW(torch.optim.Optimizer):
     def _state(self, p):
         state = self.state[p]
         if not state:  # AdamW's layout, so state dicts move between the two; the moments on the CPU
-            pin = p.is_cuda  # pinned host memory: the only kind a GPU copies to and from asynchronously
             state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=p.dtype, pin_memory=pin)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=p.dtype, pin_memory=pin)
+            state["exp_avg"] = on_host(torch.zeros(p.shape, dtype=p.dtype), p)
+            state["exp_avg_sq"] = on_host(torch.zeros(p.shape, dtype=p.dtype), p)
         return state
 
     def _chunks(self):
@@ -85,10 +101,10 @@ class PagedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         chunks = list(self._chunks())
-        on_cpu = [c for c in chunks if not c[0].is_cuda]
+        on_cpu = [c for c in chunks if not pages(c[0])]
         for p, g, m, v, hyper in on_cpu:  # CPU parameters: the state is already where they are
             adamw_update(p, g, m, v, **hyper)
-        on_gpu = [c for c in chunks if c[0].is_cuda]
+        on_gpu = [c for c in chunks if pages(c[0])]
         if on_gpu:
             self._paged(on_gpu)
         return loss
@@ -112,7 +128,8 @@ class PagedAdamW(torch.optim.Optimizer):
                 arrived[i].record(copy)
             return slot
 
-        arrived, slots = {}, {0: page_in(0)}
+        arrived = {}  # chunk i -> event recorded on the copy stream once its moments are in slot i % 2
+        slots = {0: page_in(0)}  # (bound after `arrived`: page_in records into it)
         for i, (p, g, m, v, hyper) in enumerate(chunks):
             if i + 1 < len(chunks):
                 slots[i + 1] = page_in(i + 1)  # prefetch the next chunk while this one updates
@@ -134,5 +151,4 @@ class PagedAdamW(torch.optim.Optimizer):
         for p, state in self.state.items():
             for k in ("exp_avg", "exp_avg_sq"):
                 if k in state:
-                    t = state[k].to("cpu")
-                    state[k] = t.pin_memory() if p.is_cuda else t
+                    state[k] = on_host(state[k], p)

@@ -3,7 +3,8 @@
 On CPU the kernel runs in Triton's interpreter. TRITON_INTERPRET is read when @triton.jit decorates the kernel,
 so the interpreter cases run in one subprocess (this file as a script) with the variable set, and the rest of
 the pytest process never sees it (as tests/test_kernels.py). On a CUDA machine the same cases, and larger ones,
-run on the GPU.
+run on the GPU. The server's choice of backend for a base on CUDA runs on the CPU too, with an OnCuda embedding
+(tests/cuda_standins.py: is_cuda says True).
 """
 import json
 import os
@@ -12,6 +13,8 @@ import sys
 
 import pytest
 import torch
+
+from cuda_standins import OnCuda
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -117,6 +120,20 @@ def test_auto_backend_is_torch_on_cpu(monkeypatch):
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert LoRAServer(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=32, block_size=16))).backend == "torch"
+
+
+@pytest.mark.parametrize("triton_imports, backend", [(True, "triton"), (False, "torch")])
+def test_auto_backend_is_the_kernel_for_a_cuda_base_when_triton_imports(monkeypatch, triton_imports, backend):
+    """LoRAServer's "auto" for a base on CUDA, on the CPU: the embedding (whose device the server reads) replaced by
+    an OnCuda (tests/cuda_standins.py), a CPU tensor whose is_cuda is True."""
+    from minilora import GPT, GPTConfig, kernels
+    from minilora.serve import LoRAServer
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(kernels, "triton_available", lambda: triton_imports)
+    base = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=32, block_size=16))
+    base.transformer.wte.weight = OnCuda(base.transformer.wte.weight.detach())
+    assert LoRAServer(base).backend == backend
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -3,6 +3,7 @@
 On CPU the kernel runs in Triton's interpreter. TRITON_INTERPRET is read when @triton.jit decorates the kernel,
 so the interpreter cases run in one subprocess (this file as a script) with the variable set, and the rest of
 the pytest process never sees it. On a CUDA machine the same cases (and a large one) run on the GPU.
+The dispatch's CUDA branch runs on the CPU too, for an OnCuda tensor (tests/cuda_standins.py: is_cuda says True).
 """
 import json
 import os
@@ -13,6 +14,7 @@ import zlib
 import pytest
 import torch
 
+from cuda_standins import OnCuda
 from minilora.nf4 import DYNAMIC_CODE, NF4Weight, dequantize_nf4, quantize_4bit, quantize_nf4
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,9 +108,12 @@ def test_cuda_kernel_bit_identical_to_reference(case):
     pytest.importorskip("triton", reason="triton is not installed")
     from minilora.kernels.nf4_dequant import dequantize_nf4_triton
 
+    from minilora.kernels import dequantize, use_triton
+
     q = make_weight(*case, device="cuda")
     ref, out = dequantize_nf4(q), dequantize_nf4_triton(q)
     assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8)), (out.float() - ref.float()).abs().max()
+    assert use_triton(q.packed) and torch.equal(dequantize(q).view(torch.uint8), ref.view(torch.uint8))  # dispatch
     q_cpu = make_weight(*case, device="cpu")  # and the GPU reference equals the CPU one
     assert torch.equal(ref.cpu().view(torch.uint8), dequantize_nf4(q_cpu).view(torch.uint8))
 
@@ -127,14 +132,27 @@ def test_quantize_on_cuda_equals_quantize_on_cpu(shape, double_quant):
             assert torch.equal(a.reshape(-1).view(torch.uint8), b.cpu().reshape(-1).view(torch.uint8)), name
 
 
-def test_dispatch_falls_back_to_reference_on_cpu(monkeypatch):
+def test_dispatch_falls_back_to_reference_on_cpu_without_importing_triton(monkeypatch):
+    from minilora import kernels
     from minilora.kernels import dequantize, use_triton
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(kernels, "triton_available", lambda: pytest.fail("use_triton imported triton for a CPU tensor"))
     q = quantize_nf4(torch.randn(8, 64))
     assert not use_triton(q.packed)
     assert torch.equal(dequantize(q), dequantize_nf4(q))
     assert dequantize(q, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("triton_imports", [True, False])
+def test_dispatch_picks_the_kernel_for_a_cuda_tensor_when_triton_imports(monkeypatch, triton_imports):
+    """use_triton's CUDA branch, on the CPU: OnCuda (tests/cuda_standins.py) is a CPU tensor whose is_cuda is True.
+    (The kernel behind that branch runs in the interpreter cases above, through kernels.dequantize.)"""
+    from minilora import kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(kernels, "triton_available", lambda: triton_imports)
+    assert kernels.use_triton(OnCuda(quantize_nf4(torch.randn(8, 64)).packed)) is triton_imports
 
 
 def test_dynamic_code_is_what_the_kernel_reads():
