@@ -25,7 +25,14 @@ What each method adds is one entry of MEMORY ({"lora": _lora, ...}): a Plan nami
 beside each linear, and what it changes in the model. `measure(model, B, T)` runs one step on the CPU and
 counts the same four with train.tensor_memory and train.SavedTensorMeter; tests/test_memory.py checks
 that the two agree for every registered method. On the CPU in one dtype they agree to the byte.
-`measure_cuda` reads torch.cuda.max_memory_allocated around the forward, the backward and the optimizer step.
+
+On a device, `measure_device(model, B, T, device, meter)` reads an allocator's counters around the forward, the
+backward and the optimizer step: torch.cuda's on a GPU (`measure_cuda`), or those of `LiveBytes` on the CPU, a
+stand-in that counts the live storages as CUDA's caching allocator counts its blocks (tests/test_memory.py runs
+measure_cuda's own code on the CPU with it). `predict_cuda` says what they should read: the ends of the phases to
+the byte, the peaks from the moments that make them (the logits and their gradients at the head, a block's widest
+point, the optimizer's temporaries). The step keeps the loss and drops the logits, which no backward needs (as
+train.py does); a loop that keeps them to the end of the step holds B·T·V·a more (predict_cuda's "logits").
 
 Scope: dropout 0 (a dropout keeps a mask); one dtype for weights and activations, exact for fp32 (under CUDA
 autocast the residual stream, LayerNorms and the loss stay fp32, and on the CPU a bf16 LayerNorm keeps bf16
@@ -44,6 +51,9 @@ from typing import Callable
 
 import torch
 import torch.utils.checkpoint
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .attach import METHODS, find_targets
 from .gpt import GPT, GPTConfig
@@ -62,6 +72,7 @@ class Memory:
     activations: int  # saved for backward, at their peak (with checkpointing: see checkpoint_peak)
     optimizer_on_host: bool = False
     detail: dict = field(default_factory=dict)  # activation terms {tensor: bytes}, or checkpointing's pieces
+    inputs: tuple | None = field(default=None, repr=False, compare=False)  # estimate()'s arguments, for predict_cuda
 
     @property
     def total(self) -> int:
@@ -500,8 +511,9 @@ def estimate(method: str, c: GPTConfig, B: int, T: int, config=None, *, checkpoi
     grads = sum(trainable) * wb
     optimizer = 2 * sum(trainable) * wb + 4 * len(trainable) + plan.method_state(wb)  # m, v + a step per tensor
     S = saved_tensors(c, B, T, plan, a)
+    args = (method, c, B, T, config, checkpoint, wb, a)  # c: the model the method leaves
     if not checkpoint:
-        return Memory(weights, grads, optimizer, sum(S.values()), plan.paged, S)
+        return Memory(weights, grads, optimizer, sum(S.values()), plan.paged, S, args)
     blocks = [{k: v for k, v in S.items() if k.startswith(f"transformer.h.{i}.")} for i in range(c.n_layer)]
     x = B * (plan.prompt + T) * c.n_embd * a  # one block input (B, T, C)
     inputs = [x if blk else 0 for blk in blocks]  # a block with nothing to backpropagate keeps no input
@@ -509,7 +521,7 @@ def estimate(method: str, c: GPTConfig, B: int, T: int, config=None, *, checkpoi
     before = sum(S.get(k, 0) for k in ("idx", "pos", "prompt_encoder.relu"))  # saved before the first block
     after = sum(v for k, v in S.items() if not k.startswith("transformer.h.")) - before  # ln_f, head, loss
     peak, detail = checkpoint_peak(inputs, recompute, before, after)
-    return Memory(weights, grads, optimizer, peak, plan.paged, detail)
+    return Memory(weights, grads, optimizer, peak, plan.paged, detail, args)
 
 
 def checkpoint_peak(inputs: list, recompute: list, before: int, after: int) -> tuple[int, dict]:
@@ -665,29 +677,41 @@ def measure(model, B: int, T: int, *, checkpoint: bool = False, seed: int = 0) -
     return Memory(mem["weights"], mem["grads"], optimizer, activations, paged, detail)
 
 
-def measure_cuda(model, B: int, T: int, *, checkpoint: bool = False, seed: int = 0) -> dict:
-    """torch.cuda memory through a training step, after one warm-up step (so that the optimizer state and
-    cuBLAS's workspaces exist): bytes allocated before the forward and at the end of each phase, and
-    torch.cuda.max_memory_allocated during the forward, the backward and the optimizer step. No autocast:
-    the model runs in its own dtype, as estimate() assumes."""
-    dev = torch.device("cuda")
+# ------------------------------------------------------------------------------ measuring on a device
+def measure_device(model, B: int, T: int, device, meter, *, checkpoint: bool = False, seed: int = 0,
+                   keep_logits: bool = False) -> dict:
+    """Allocator counters through a training step on `device`, after one warm-up step (so that the optimizer
+    state exists, and on CUDA cuBLAS's workspaces): bytes allocated before the forward and at the end of each
+    phase, and the most allocated at once during the forward, the backward and the optimizer step. `meter`
+    reads the counters as torch.cuda does (synchronize, memory_allocated, max_memory_allocated,
+    reset_peak_memory_stats, each taking the device): torch.cuda itself on a GPU (measure_cuda), a LiveBytes on
+    the CPU. No autocast: the model runs in its own dtype, as estimate() assumes. The step keeps the loss and
+    drops the logits (B, T, V) as soon as the loss exists: no backward needs them. keep_logits: keep them to the
+    end of the step instead, as a loop with `_, loss = model(x, y)` does (predict_cuda's "logits": what it costs)."""
+    dev = torch.device(device)
     model.to(dev).train()
     x, y = _batch(model, B, T, dev, seed)
     opt, callbacks, state = _setup(model)
+    if dev.type != "cuda":  # AdamW takes its foreach path by default on CUDA only: ask for it, to allocate as there
+        for group in opt.param_groups:
+            if "foreach" in group and group["foreach"] is None:
+                group["foreach"] = True
     out = {}
 
     def record(phase):
-        torch.cuda.synchronize(dev)
-        out[f"{phase}_peak"] = torch.cuda.max_memory_allocated(dev)
-        out[f"after_{phase}"] = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
+        meter.synchronize(dev)
+        out[f"{phase}_peak"] = meter.max_memory_allocated(dev)
+        out[f"after_{phase}"] = meter.memory_allocated(dev)
+        meter.reset_peak_memory_stats(dev)
 
     with checkpointing(model) if checkpoint else contextlib.nullcontext():
-        for _ in ("warm-up", "measured"):  # the second pass overwrites the first one's numbers
-            torch.cuda.synchronize(dev)
-            out["before"] = torch.cuda.memory_allocated(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            _, loss = model(x, y)
+        for _pass in ("warm-up", "measured"):  # the second pass overwrites the first one's numbers
+            meter.synchronize(dev)
+            out["before"] = meter.memory_allocated(dev)
+            meter.reset_peak_memory_stats(dev)
+            logits, loss = model(x, y)
+            if not keep_logits:
+                logits = None  # no backward needs them: dropped as soon as the loss exists
             record("forward")
             loss.backward()
             record("backward")
@@ -697,21 +721,183 @@ def measure_cuda(model, B: int, T: int, *, checkpoint: bool = False, seed: int =
             record("step")
             for cb in callbacks:
                 cb.on_step_end(state)
-            del loss
+            del loss, logits
             opt.zero_grad(set_to_none=True)
     out["optimizer_state"] = tensor_memory(model, opt)["optimizer"] + sum(_tensor_bytes(vars(cb)) for cb in callbacks)
-    out["device"] = torch.cuda.get_device_name(dev)
     return out
 
 
-def predict_cuda(mem: Memory) -> dict:
-    """What measure_cuda should find, from an estimate, in the steady state (optimizer state allocated, no
-    gradients before the forward): allocated before the forward, after it (+ what forward keeps), after the
-    backward (+ gradients, the activations freed). The peaks add transients (logits, a block's gradients)."""
-    on_device = 0 if mem.optimizer_on_host else mem.optimizer
-    before = mem.weights + on_device
-    return {"before": before, "after_forward": before + mem.detail.get("kept", mem.activations),
-            "after_backward": before + mem.grads}
+def measure_cuda(model, B: int, T: int, *, checkpoint: bool = False, seed: int = 0, device="cuda") -> dict:
+    """measure_device on a GPU, read with torch.cuda's counters, and the GPU's name. (A test runs it on the CPU
+    with device="cpu" and torch.cuda's five functions replaced by a LiveBytes's.)"""
+    out = measure_device(model, B, T, device, torch.cuda, checkpoint=checkpoint, seed=seed)
+    out["device"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def _rounded(n: int) -> int:
+    """Bytes the CUDA caching allocator counts for a tensor of n bytes: n rounded up to a multiple of 512."""
+    return -(-n // 512) * 512
+
+
+class LiveBytes(TorchDispatchMode):
+    """A CPU stand-in for torch.cuda's allocator counters, with its functions' names: `with LiveBytes(model) as
+    meter:` every tensor an operator returns is followed by a weak reference to its storage, and
+    memory_allocated() is the bytes of the storages still alive, each rounded up to 512 as CUDA's caching
+    allocator rounds a block; max_memory_allocated() is the largest such sum seen after an operator since
+    reset_peak_memory_stats(). The references are the C++ storages' own weak references
+    (torch.multiprocessing.reductions.StorageWeakRef): a storage held only by autograd's saved tensors, with
+    no Python tensor left, still counts. The model's parameters and buffers, made before, count from the start.
+
+    What it does not see, beside CUDA's: what a kernel allocates and frees inside one operator (CPU kernels'
+    scratch buffers; on CUDA cuBLAS's workspaces, made once in a warm-up), a caching allocator (CUDA may hand
+    out a cached block up to 1 MiB larger than asked), and tensors made outside it other than the model's."""
+
+    def __init__(self, model=None):
+        super().__init__()
+        self.live, self.peak = {}, 0  # {StorageImpl address: (weak reference, rounded bytes)}
+        for t in [*model.parameters(), *model.buffers()] if model is not None else []:
+            self._follow(t)
+        self.peak = self.memory_allocated()
+
+    def _follow(self, t):
+        if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device.type != "meta":
+            storage = t.untyped_storage()
+            ref = StorageWeakRef(storage)  # holds the StorageImpl (not its bytes): the address stays this storage's
+            self.live[ref.cdata] = (ref, _rounded(storage.nbytes()))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            self._follow(t)
+        self.peak = max(self.peak, self.memory_allocated())
+        return out
+
+    def synchronize(self, device=None):
+        pass  # the CPU ran each operator to its end already
+
+    def memory_allocated(self, device=None) -> int:
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            del self.live[key]
+        return sum(n for _, n in self.live.values())
+
+    def max_memory_allocated(self, device=None) -> int:
+        return max(self.peak, self.memory_allocated())
+
+    def reset_peak_memory_stats(self, device=None):
+        self.peak = self.memory_allocated()
+
+    def get_device_name(self, device=None) -> str:
+        return "CPU, live storages counted by memory.LiveBytes"
+
+
+_TENSORS_PER_TERM = {"mean_rstd": 2, "q_k_v": 3}  # saved_tensors' terms that are several tensors of one size
+
+
+def _allocated(S: dict, B: int, nh: int, lse_align: int) -> dict:
+    """saved_tensors' terms as a device allocates them: each tensor rounded up to 512 bytes, the log-sum-exp
+    (B, nh, Tx) fp32 padded to a multiple of lse_align positions, the caller's x and y (the embedding's ids, the
+    loss's targets) left out: they are allocated before the forward."""
+    out = {}
+    for k, v in S.items():
+        if k in ("idx", "loss.targets"):
+            continue
+        if k.endswith(".lse"):
+            v = B * nh * 4 * math.ceil(v // (B * nh * 4) / lse_align) * lse_align
+        n = _TENSORS_PER_TERM.get(k.rsplit(".", 1)[-1], 1)
+        out[k] = n * _rounded(v // n)
+    return out
+
+
+def predict_cuda(mem: Memory, before: int | None = None, *, kernels: str = "cuda") -> dict:
+    """What measure_device should find, from estimate()'s Memory, in the steady state (optimizer state
+    allocated, no gradients before the forward). `before`: bytes allocated before the forward, by default the
+    weights and the optimizer state on the device; pass measure_cuda's own to count what CUDA holds beside them
+    (cuBLAS's workspaces, made in the warm-up, and the rounding of each weight), and so to compare whole peaks with
+    torch.cuda.max_memory_allocated. Every tensor is rounded up to 512 bytes, as the allocator rounds a block.
+
+        after_forward   + what forward keeps (estimate's activations, or with checkpointing its "kept"), less
+                        the caller's x and y; the loss the caller holds and the 4-byte total weight: 512 each
+        after_backward  + the gradients and the loss (so after_step)
+        forward_peak    the largest of: at the loss, + the logits (B, T, V) it is computed from, and what
+                        GPT.forward still holds that nothing saved (token embeddings, positions, ln_f's output);
+                        block i at its widest, after what the blocks before it keep (with checkpointing: their
+                        inputs): the residual, a LayerNorm's output and a linear's output, three times with a
+                        branch (W0 x, s·B A x, their sum), or GELU's input and output, or an NF4 weight dequantized
+        backward_peak   the largest of: its first step, + the log-probabilities' gradient and the logits', (B·T, V)
+                        fp32 each, while the log-probabilities are still saved; its last, + the gradients and the
+                        tied embedding's (V, C) gradient twice (the embedding's own, its sum with the head's);
+                        block i's backward (after its recompute, with checkpointing), its tensors with the gradients
+                        made so far (all of the method's own) and the residual's gradient, at GELU (its output's and
+                        input's gradients, a third with a branch on mlp.c_proj) or an NF4 weight dequantized again
+        step_peak       + the gradients and AdamW's foreach temporary sqrt(v), one tensor per trained one
+        logits          what a caller that keeps the logits to the end of the step (`_, loss = model(x, y)`)
+                        adds to every figure after the forward's peak: B·T·V·a
+
+    kernels: whose allocations to count. "cuda": SDPA's memory-efficient kernel (the one fp32 runs: the flash
+    kernels take 16-bit only) pads its log-sum-exp to a multiple of 32 positions, and an NF4 weight dequantizes
+    in one Triton kernel (W alone). "cpu", as LiveBytes measures: flash attention for CPU pads nothing, and
+    nf4.dequantize_nf4 holds 12 bytes per weight at its widest (int64 code indices and fp32 values). Exact in
+    fp32 at the end of each phase; the peaks leave out what a kernel allocates inside one operator, a block's
+    smaller gradients, QA-LoRA's dequantization and paged AdamW's page buffers."""
+    if mem.inputs is None:
+        raise ValueError("predict_cuda reads estimate()'s Memory (it keeps estimate's arguments); this one has "
+                         "none (llama_estimate's, or measured): pass estimate(method, config, B, T)")
+    if kernels not in ("cuda", "cpu"):
+        raise ValueError(f"kernels={kernels!r}: 'cuda' (a GPU's kernels) or 'cpu' (LiveBytes on the CPU)")
+    method, c, B, T, config, checkpoint, wb, a = mem.inputs
+    plan = plan_for(method, c, config)
+    Tx, C, V, L = plan.prompt + T, c.n_embd, c.vocab_size, c.n_layer
+    S = saved_tensors(c, B, T, plan, a)
+    dev = _allocated(S, B, c.n_head, 32 if kernels == "cuda" else 1)
+    x, loss = _rounded(B * Tx * C * a), _rounded(4)  # one (B, Tx, C) tensor; the 0-d loss
+    params = gpt2_parameters(c)
+    trained = [(n, k) for n, k in params.items() if plan.trains(n)] + [("", k) for k in plan.new_trainable]
+    grads = sum(_rounded(k * wb) for _, k in trained)
+    if before is None:
+        before = mem.weights + (0 if mem.optimizer_on_host else mem.optimizer)
+
+    # the end of forward: all it saved, or with checkpointing the block inputs and what is saved outside the blocks
+    first = sum(dev.get(k, 0) for k in ("pos", "prompt_encoder.relu"))  # saved before the first block
+    blocks = [{k: v for k, v in dev.items() if k.startswith(f"transformer.h.{i}.")} for i in range(L)]
+    outside = sum(v for k, v in dev.items() if not k.startswith("transformer.h."))  # first's too
+    if not checkpoint:
+        kept = sum(dev.values()) + loss
+        earlier = [first + sum(sum(blk.values()) for blk in blocks[:i]) for i in range(L)]  # before block i
+        held = [e + sum(blk.values()) for e, blk in zip(earlier, blocks)]  # block i's backward
+    else:
+        inputs = [x if blk else 0 for blk in blocks]
+        kept = sum(inputs) + outside + loss
+        earlier = [first + sum(inputs[:i + 1]) for i in range(L)]
+        held = [e + sum(v for k, v in blk.items() if k != f"transformer.h.{i}.x")
+                for i, (e, blk) in enumerate(zip(earlier, blocks))]
+
+    # the moments that can be a phase's peak
+    logits, fp32 = _rounded(B * T * V * a), _rounded(B * T * V * 4)
+    pos = 0 if "pos" in S else _rounded(8 * Tx)  # GPT.forward's positions, unless wpe saved them
+    forward = [kept + logits + (fp32 if a != 4 else 0) + x + pos + (0 if "ln_f.out" in S else x)]
+    backward = [kept + 2 * fp32 + (logits if a != 4 else 0)]
+    wte = 2 * _rounded(V * C * wb) if plan.trains("transformer.wte.weight") else 0
+    backward.append(grads + loss + wte)
+    shapes = linear_shapes(c)
+    for i in range(L):
+        h = f"transformer.h.{i}"
+        in_bytes = {f"{h}.attn.c_attn": x, f"{h}.attn.c_proj": x, f"{h}.mlp.c_fc": x, f"{h}.mlp.c_proj": 4 * x}
+        nf4 = [b + (_rounded(math.prod(shapes[n]) * a) if kernels == "cuda" else 12 * math.prod(shapes[n]))
+               for n, b in in_bytes.items() if n in plan.quantized and plan.branches[n][0] != "qa_lora"]
+        wide = [x + (3 if f"{h}.{n}" in plan.branches else 1) * y  # a LayerNorm's output, the linear's
+                for n, y in (("attn.c_attn", 3 * x), ("mlp.c_fc", 4 * x))]
+        forward.append(earlier[i] + x + pos + x + max(wide + [8 * x] + nf4))  # + the token embeddings, the residual
+        if not blocks[i]:  # nothing to backpropagate through
+            continue
+        so_far = sum(_rounded(k * wb) for n, k in trained if n != "transformer.wpe.weight"
+                     and not (n.startswith("transformer.h.") and int(n.split(".")[2]) < i))
+        gelu = (3 if f"{h}.mlp.c_proj" in plan.branches else 2) * 4 * x
+        backward.append(held[i] - dev.get(f"{h}.mlp.gelu", 0) + so_far + x + loss + max([gelu] + nf4))
+    foreach = 0 if plan.paged else grads  # torch._foreach_sqrt(exp_avg_sqs): one new tensor per trained one
+    return {"before": before, "after_forward": before + kept, "after_backward": before + grads + loss,
+            "after_step": before + grads + loss, "forward_peak": before + max(forward),
+            "backward_peak": before + max(backward), "step_peak": before + grads + loss + foreach, "logits": logits}
 
 
 # ------------------------------------------------------------------------------ projection to LLaMA shapes

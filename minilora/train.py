@@ -217,7 +217,7 @@ def train(model, data, cfg: TrainConfig, callbacks=(), optimizer=None):
             saving = (torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t) if step == 1
                       else contextlib.nullcontext())
             with saving, torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                _, loss = model(x, y)
+                loss = model(x, y)[1]  # the logits (B, T, V) are dropped at once: no backward needs them
             (loss / cfg.grad_accum).backward()
             loss_value += loss.detach().double() / cfg.grad_accum
             tokens += x.numel()
