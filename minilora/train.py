@@ -135,6 +135,7 @@ class CorpusData:
 def to_device(batch, device):
     """(x, y) on `device`. To a GPU through pinned memory with non_blocking: a copy from ordinary (pageable) host
     memory would make Python wait for every kernel queued before it, a host sync per batch."""
+    device = torch.device(device)  # callers pass "cpu" as well as torch.device("cpu")
     if device.type != "cuda":
         return tuple(t.to(device) for t in batch)
     return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)

@@ -177,3 +177,11 @@ def test_a_training_step_reads_nothing_back_to_the_host(method):
                   optimizer=opt)
         counts.append(reads.reads)
     assert counts[0] == counts[1], counts
+
+
+def test_evaluate_takes_a_device_name_or_a_device():
+    """CorpusData / TaskData.evaluate are called with "cpu" as well as torch.device("cpu")."""
+    m = model().eval()
+    tokens = torch.randint(0, 64, (400,), generator=torch.Generator().manual_seed(0))
+    data = CorpusData(tokens, tokens, CFG.block_size)
+    assert data.evaluate(m, "val", 8, 4, "cpu") == data.evaluate(m, "val", 8, 4, torch.device("cpu"))
